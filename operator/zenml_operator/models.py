@@ -1,0 +1,260 @@
+"""Pydantic models of the custom resources' specs and statuses.
+
+They are the single source of truth: `crdgen` turns them into the CRDs in `crds/`
+(a test fails when the two drift), and the handlers parse specs with them.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+GROUP = "zenml.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+# DNS-1123 label: what Kubernetes accepts as a name segment; also safe as a ZenML name.
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# DNS-1123 subdomain: what Kubernetes accepts as a Secret name.
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+# A Secret data key: alphanumerics, '-', '_' or '.'.
+SECRET_DATA_KEY = r"^[-._a-zA-Z0-9]+$"
+# A Kubernetes label/annotation value is free text; keys are checked by the API server itself.
+MAX_DESCRIPTION = 1024
+
+
+def cel(rule: str, message: str, *, reason: str | None = None) -> dict[str, str]:
+    """One `x-kubernetes-validations` entry."""
+    entry = {"rule": rule, "message": message}
+    if reason:
+        entry["reason"] = reason
+    return entry
+
+
+class _Model(BaseModel):
+    """camelCase on the wire, snake_case in Python; unknown fields are an error."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+
+class SecretKeys(_Model):
+    """Names of the data keys in the generated Secret."""
+
+    url: Annotated[
+        str,
+        Field(
+            description="Data key that holds the ZenML server URL.",
+            pattern=SECRET_DATA_KEY,
+            max_length=253,
+        ),
+    ] = "ZENML_STORE_URL"
+    api_key: Annotated[
+        str,
+        Field(
+            description="Data key that holds the API key value.",
+            pattern=SECRET_DATA_KEY,
+            max_length=253,
+        ),
+    ] = "ZENML_STORE_API_KEY"
+
+
+class SecretTemplate(_Model):
+    """Extra metadata and key names for the Secret that receives an API key."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel("self.keys.url != self.keys.apiKey", "keys.url and keys.apiKey must differ")
+            ]
+        }
+    )
+
+    labels: Annotated[
+        dict[str, str],
+        Field(description="Labels added to the Secret (the operator's own labels win).",
+              max_length=64),
+    ] = {}
+    annotations: Annotated[
+        dict[str, str],
+        Field(description="Annotations added to the Secret (the operator's own win).",
+              max_length=64),
+    ] = {}
+    keys: Annotated[
+        SecretKeys,
+        Field(description="Renames the Secret's data keys, e.g. for a non-ZenML client."),
+    ] = SecretKeys()
+
+
+class ApiKeySpec(_Model):
+    """One API key of the service account, delivered in its own Secret."""
+
+    name: Annotated[
+        str,
+        Field(
+            description="Key name in ZenML, unique within the service account.",
+            pattern=DNS_LABEL,
+            min_length=1,
+            max_length=63,
+        ),
+    ]
+    description: Annotated[
+        str, Field(description="Key description in ZenML.", max_length=MAX_DESCRIPTION)
+    ] = ""
+    active: Annotated[
+        bool,
+        Field(description="false deactivates the key in ZenML (the Secret is kept)."),
+    ] = True
+    secret_name: Annotated[
+        str | None,
+        Field(
+            description=(
+                "Name of the Secret, in the resource's namespace, that receives the key."
+                " Default: <metadata.name>-<key name>."
+            ),
+            pattern=DNS_SUBDOMAIN,
+            max_length=253,
+        ),
+    ] = None
+    secret_template: Annotated[
+        SecretTemplate,
+        Field(description="Labels, annotations and data key names of the Secret."),
+    ] = SecretTemplate()
+
+    def secret_name_for(self, resource_name: str) -> str:
+        return self.secret_name or f"{resource_name}-{self.name}"
+
+
+DeletionPolicy = Literal["Delete", "Deactivate", "Retain"]
+
+
+class ServiceAccountSpec(_Model):
+    """A ZenML service account and its API keys."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "has(self.name) == has(oldSelf.name)"
+                    " && (!has(self.name) || self.name == oldSelf.name)",
+                    "spec.name is immutable: create a new resource for another account",
+                    reason="FieldValueForbidden",
+                )
+            ]
+        }
+    )
+
+    name: Annotated[
+        str | None,
+        Field(
+            description="Service account name in ZenML (immutable). Default: metadata.name.",
+            pattern=DNS_LABEL,
+            min_length=1,
+            max_length=63,
+        ),
+    ] = None
+    description: Annotated[
+        str, Field(description="Service account description in ZenML.",
+                   max_length=MAX_DESCRIPTION)
+    ] = ""
+    active: Annotated[
+        bool,
+        Field(description="false deactivates the account, which disables all of its keys."),
+    ] = True
+    deletion_policy: Annotated[
+        DeletionPolicy,
+        Field(
+            description=(
+                "What happens in ZenML when this resource is deleted: Delete the account"
+                " (falls back to Deactivate when it owns ZenML resources), Deactivate it,"
+                " or Retain it untouched."
+            )
+        ),
+    ] = "Delete"
+    adopt: Annotated[
+        bool,
+        Field(
+            description=(
+                "Take over an existing ZenML account of this name. When false, a name"
+                " already used by an account this resource did not create is an error."
+            )
+        ),
+    ] = False
+    api_keys: Annotated[
+        list[ApiKeySpec],
+        Field(
+            description="API keys of the account; each is written into its own Secret.",
+            max_length=32,
+            json_schema_extra={
+                "x-kubernetes-validations": [
+                    cel(
+                        "self.all(k, self.exists_one(o, o.name == k.name))",
+                        "apiKeys[].name must be unique",
+                    ),
+                    cel(
+                        "self.all(k, !has(k.secretName)"
+                        " || self.exists_one(o, has(o.secretName) && o.secretName == k.secretName))",
+                        "apiKeys[].secretName must be unique",
+                    ),
+                ]
+            },
+        ),
+    ] = []
+
+    def account_name_for(self, resource_name: str) -> str:
+        return self.name or resource_name
+
+
+class Condition(_Model):
+    """A Kubernetes-convention condition (as in metav1.Condition)."""
+
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str
+    message: str = ""
+    last_transition_time: str
+    observed_generation: int | None = None
+
+
+class ApiKeyStatus(_Model):
+    """What the operator knows about one declared key."""
+
+    name: str
+    id: str | None = None
+    active: bool | None = None
+    secret_name: str | None = None
+    # When the value now in the Secret was issued by ZenML (create or rotate).
+    issued_at: str | None = None
+    state: Annotated[
+        str, Field(description="Ready, SecretConflict, Pending or Deactivated.")
+    ] = "Pending"
+
+
+class ServiceAccountStatus(_Model):
+    """Observed state of a ServiceAccount."""
+
+    model_config = ConfigDict(extra="allow")
+
+    observed_generation: int | None = None
+    zenml_url: str | None = None
+    account_id: str | None = None
+    account_name: str | None = None
+    active: bool | None = None
+    # Set right before the operator asks ZenML to create the account: after a crash, an
+    # account of that name created since then is known to be ours, not a NameConflict.
+    create_requested_at: str | None = None
+    ready_keys: int | None = None
+    api_keys: list[ApiKeyStatus] = []
+    conditions: Annotated[
+        list[Condition],
+        Field(json_schema_extra={"x-kubernetes-list-type": "map",
+                                 "x-kubernetes-list-map-keys": ["type"]}),
+    ] = []
+
+
+def dump(model: BaseModel) -> dict[str, Any]:
+    """The wire form of a model (camelCase, no nulls)."""
+    return model.model_dump(by_alias=True, exclude_none=True, mode="json")

@@ -1,0 +1,201 @@
+"""Pure decisions about the Secrets that carry API keys: shape, ownership, patches.
+
+Nothing here talks to an API; `handlers` feed it what they read and write what it says.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping
+from typing import Any
+
+from zenml_operator.models import API_VERSION, ApiKeySpec
+
+MANAGED_BY = "zenml-operator"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_ACCOUNT = "zenml.io/service-account"
+LABEL_KEY = "zenml.io/api-key"
+ANN_KEY_ID = "zenml.io/api-key-id"
+ANN_ISSUED_AT = "zenml.io/issued-at"
+ANN_KEY_VERSION = "zenml.io/key-version"
+ANN_TEMPLATE_LABELS = "zenml.io/template-labels"
+ANN_TEMPLATE_ANNOTATIONS = "zenml.io/template-annotations"
+ANN_DATA_KEYS = "zenml.io/data-keys"
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def unb64(text: str) -> str:
+    return base64.b64decode(text).decode()
+
+
+def owner_reference(owner: Mapping[str, Any], kind: str) -> dict[str, Any]:
+    meta = owner["metadata"]
+    return {
+        "apiVersion": API_VERSION,
+        "kind": kind,
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def is_owned_by(secret: Mapping[str, Any], owner_uid: str) -> bool:
+    """Ours only if the controller reference points at this very resource (by uid)."""
+    for ref in secret.get("metadata", {}).get("ownerReferences") or []:
+        if ref.get("uid") == owner_uid and ref.get("controller"):
+            return True
+    return False
+
+
+def owner_description(secret: Mapping[str, Any]) -> str:
+    refs = secret.get("metadata", {}).get("ownerReferences") or []
+    controllers = [r for r in refs if r.get("controller")]
+    if controllers:
+        ref = controllers[0]
+        return f"it is controlled by {ref.get('kind')}/{ref.get('name')}"
+    return "it was not created by this operator"
+
+
+def desired_metadata(
+    *, owner: Mapping[str, Any], key: ApiKeySpec, secret_name: str
+) -> dict[str, Any]:
+    """Labels, annotations and owner of the Secret, without the key-identity annotations."""
+    template = key.secret_template
+    labels = {
+        **template.labels,
+        LABEL_MANAGED_BY: MANAGED_BY,
+        LABEL_ACCOUNT: owner["metadata"]["name"],
+        LABEL_KEY: key.name,
+    }
+    return {
+        "name": secret_name,
+        "namespace": owner["metadata"]["namespace"],
+        "labels": labels,
+        "annotations": {**template.annotations},
+        "ownerReferences": [owner_reference(owner, "ServiceAccount")],
+    }
+
+
+def new_secret(
+    *,
+    owner: Mapping[str, Any],
+    key: ApiKeySpec,
+    secret_name: str,
+    zenml_url: str,
+    key_id: str,
+    key_value: str,
+    issued_at: str,
+) -> dict[str, Any]:
+    meta = desired_metadata(owner=owner, key=key, secret_name=secret_name)
+    meta["annotations"].update(
+        {**tracking_annotations(key), ANN_KEY_ID: key_id, ANN_ISSUED_AT: issued_at}
+    )
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": meta,
+        "data": {
+            key.secret_template.keys.url: b64(zenml_url),
+            key.secret_template.keys.api_key: b64(key_value),
+        },
+    }
+
+
+def tracking_annotations(key: ApiKeySpec) -> dict[str, str]:
+    """What the operator put into the Secret from the template, so it can remove it later."""
+    keys = key.secret_template.keys
+    return {
+        ANN_TEMPLATE_LABELS: ",".join(sorted(key.secret_template.labels)),
+        ANN_TEMPLATE_ANNOTATIONS: ",".join(sorted(key.secret_template.annotations)),
+        ANN_DATA_KEYS: f"{keys.url},{keys.api_key}",
+    }
+
+
+def _data_keys(secret: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """(url key, api key key) as last written by the operator."""
+    raw = (secret.get("metadata", {}).get("annotations") or {}).get(ANN_DATA_KEYS, "")
+    url_key, _, value_key = raw.partition(",")
+    return (url_key or None, value_key or None)
+
+
+def _split(raw: str) -> set[str]:
+    return set(raw.split(",")) - {""}
+
+
+def secret_holds_key(secret: Mapping[str, Any], key_id: str) -> bool:
+    """Does this Secret carry a value of ZenML key `key_id`? (The value itself is unreadable
+    from ZenML, so the key-id annotation written with the value is the evidence.)"""
+    annotations = secret.get("metadata", {}).get("annotations") or {}
+    _, value_key = _data_keys(secret)
+    data = secret.get("data") or {}
+    return annotations.get(ANN_KEY_ID) == key_id and bool(value_key and data.get(value_key))
+
+
+def metadata_patch(
+    *, secret: Mapping[str, Any], owner: Mapping[str, Any], key: ApiKeySpec, zenml_url: str
+) -> dict[str, Any] | None:
+    """The merge patch that brings labels, annotations, URL and data key names in line.
+
+    Returns None when the Secret already matches: a no-op reconcile writes nothing.
+    """
+    meta = secret.get("metadata", {})
+    have_labels = meta.get("labels") or {}
+    have_ann = meta.get("annotations") or {}
+    data = secret.get("data") or {}
+    template = key.secret_template
+    patch: dict[str, Any] = {}
+
+    want_labels = desired_metadata(owner=owner, key=key, secret_name="")["labels"]
+    labels: dict[str, Any] = {k: v for k, v in want_labels.items() if have_labels.get(k) != v}
+    for stale in _split(have_ann.get(ANN_TEMPLATE_LABELS, "")) - set(want_labels):
+        if stale in have_labels:
+            labels[stale] = None  # removed from the template: remove it from the Secret
+    if labels:
+        patch.setdefault("metadata", {})["labels"] = labels
+
+    want_ann = {**template.annotations, **tracking_annotations(key)}
+    annotations: dict[str, Any] = {k: v for k, v in want_ann.items() if have_ann.get(k) != v}
+    for stale in _split(have_ann.get(ANN_TEMPLATE_ANNOTATIONS, "")) - set(template.annotations):
+        if stale in have_ann:
+            annotations[stale] = None
+    if annotations:
+        patch.setdefault("metadata", {})["annotations"] = annotations
+
+    changes: dict[str, Any] = {}
+    old_url_key, old_value_key = _data_keys(secret)
+    if old_value_key and old_value_key != template.keys.api_key and old_value_key in data:
+        changes[template.keys.api_key] = data[old_value_key]  # renamed: move the value
+        changes[old_value_key] = None
+    if data.get(template.keys.url) != b64(zenml_url):
+        changes[template.keys.url] = b64(zenml_url)
+    if old_url_key and old_url_key not in (template.keys.url, template.keys.api_key) and (
+        old_url_key in data
+    ):
+        changes[old_url_key] = None
+    if changes:
+        patch["data"] = changes
+    return patch or None
+
+
+def value_patch(
+    *, secret: Mapping[str, Any], owner: Mapping[str, Any], key: ApiKeySpec, zenml_url: str,
+    key_id: str, key_value: str, issued_at: str,
+    extra_annotations: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """A merge patch that puts a new key value into an existing (owned) Secret, in one write.
+
+    It carries the Secret's resourceVersion: a concurrent change gives 409, not a lost write.
+    """
+    patch = metadata_patch(secret=secret, owner=owner, key=key, zenml_url=zenml_url) or {}
+    meta = patch.setdefault("metadata", {})
+    meta["resourceVersion"] = secret["metadata"]["resourceVersion"]
+    meta.setdefault("annotations", {}).update(
+        {ANN_KEY_ID: key_id, ANN_ISSUED_AT: issued_at, **(extra_annotations or {})}
+    )
+    patch.setdefault("data", {})[key.secret_template.keys.api_key] = b64(key_value)
+    return patch
