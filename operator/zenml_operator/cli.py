@@ -1,0 +1,95 @@
+"""`zenml-operator` command line: run (real cluster), demo (local, emulated), crds."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+import kopf
+
+
+def _run(args: argparse.Namespace) -> int:
+    from zenml_operator.config import config_from_env
+    from zenml_operator.main import build_registry
+
+    namespaces = tuple(args.namespace or ())
+    if not namespaces and not args.all_namespaces:
+        print("zenml-operator run: give --namespace NS (repeatable) or --all-namespaces",
+              file=sys.stderr)
+        return 2
+    try:
+        config = config_from_env(namespaces)
+    except ValueError as exc:
+        print(f"zenml-operator run: {exc}", file=sys.stderr)
+        return 2
+    kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat[args.log_format.upper()])
+    registry = build_registry(config)
+    liveness = f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None
+    asyncio.run(
+        kopf.operator(
+            registry=registry,
+            namespaces=list(namespaces),
+            clusterwide=args.all_namespaces,
+            liveness_endpoint=liveness,
+            standalone=not args.peering,
+            peering_name=args.peering or None,
+        )
+    )
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from zenml_operator.demo import run_demo
+
+    return asyncio.run(run_demo(keep_running=args.keep_running, workdir=Path(args.workdir)))
+
+
+def _crds(args: argparse.Namespace) -> int:
+    from zenml_operator.crdgen import write_crds
+
+    for path in write_crds(Path(args.output)):
+        print(path)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zenml-operator", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the operator against a Kubernetes cluster")
+    run.add_argument("-n", "--namespace", action="append",
+                     help="namespace to watch (repeatable)")
+    run.add_argument("-A", "--all-namespaces", action="store_true")
+    run.add_argument("--liveness-port", type=int, default=8080,
+                     help="serve /healthz on this port (0: off)")
+    run.add_argument("--peering", default="",
+                     help="Kopf peering object name for HA (default: standalone)")
+    run.add_argument("--log-format", default="plain", choices=["plain", "full", "json"])
+    run.add_argument("-v", "--verbose", action="store_true")
+    run.set_defaults(func=_run)
+
+    demo = sub.add_parser(
+        "demo", help="local demo: a real ZenML server + an EMULATED Kubernetes API")
+    demo.add_argument("--keep-running", action="store_true",
+                      help="keep the operator running after the checks")
+    demo.add_argument("--workdir", default=".zenml-demo",
+                      help="where the demo ZenML server keeps its data")
+    demo.set_defaults(func=_demo)
+
+    crds = sub.add_parser("crds", help="write the CRDs generated from the models")
+    crds.add_argument("--output", default="crds")
+    crds.set_defaults(func=_crds)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args = parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

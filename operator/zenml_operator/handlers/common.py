@@ -1,0 +1,101 @@
+"""What every handler needs: dependencies, errors that end a reconcile, status writing."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from zenml_operator import zenml_client as zc
+from zenml_operator.kube import KubeClient, KubeError
+
+
+class EventSink(Protocol):
+    def __call__(self, body: Mapping[str, Any], *, type: str, reason: str, message: str
+                 ) -> None: ...
+
+
+@dataclass
+class Deps:
+    """Long-lived clients shared by all handlers (one connection pool each)."""
+
+    zenml: zc.ZenMLClient
+    kube: KubeClient
+    secret_url: str
+    events: EventSink
+    locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+
+    def lock_for(self, uid: str) -> asyncio.Lock:
+        """Serialises the handlers and the resync timer of one object."""
+        lock = self.locks.get(uid)
+        if lock is None:
+            lock = self.locks[uid] = asyncio.Lock()
+        return lock
+
+
+class ReconcileProblem(Exception):
+    """A condition that ends this reconcile with Ready=False, reason and message.
+
+    `retry` says whether waiting and trying again may fix it by itself (an outage)
+    or whether a human must act (a name conflict, an invalid spec).
+    """
+
+    def __init__(self, reason: str, message: str, *, retry: bool = False) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.retry = retry
+
+
+def classify(exc: BaseException) -> ReconcileProblem | None:
+    """Map client errors to a user-facing reason; None for bugs (let Kopf log them)."""
+    if isinstance(exc, ReconcileProblem):
+        return exc
+    if isinstance(exc, zc.UnauthorizedError):
+        return ReconcileProblem(
+            "ZenMLUnauthorized",
+            f"ZenML rejected the operator's credential: {exc}. Fix the operator's"
+            " ZENML_STORE_API_KEY Secret (a valid, active service-account key).",
+            retry=True,
+        )
+    if isinstance(exc, zc.UnavailableError):
+        return ReconcileProblem(
+            "ZenMLUnavailable", f"The ZenML server cannot be reached: {exc}; retrying.",
+            retry=True,
+        )
+    if isinstance(exc, zc.ForbiddenError):
+        return ReconcileProblem(
+            "ZenMLForbidden", f"ZenML refused the operation: {exc}.", retry=True
+        )
+    if isinstance(exc, zc.BadRequestError):
+        return ReconcileProblem("ZenMLRejected", f"ZenML rejected the request: {exc}.")
+    if isinstance(exc, zc.ZenMLError):
+        return ReconcileProblem("ZenMLError", f"ZenML error: {exc}; retrying.", retry=True)
+    if isinstance(exc, KubeError):
+        return ReconcileProblem(
+            "KubernetesError", f"Kubernetes API error: {exc}; retrying.", retry=True
+        )
+    return None
+
+
+def status_patch(current: Mapping[str, Any] | None, desired: Mapping[str, Any]
+                 ) -> dict[str, Any]:
+    """Only the top-level status fields that differ; None removes a field.
+
+    An empty result means the reconcile writes nothing at all.
+    """
+    current = dict(current or {})
+    changes = {k: v for k, v in desired.items() if current.get(k) != v}
+    for k in current:
+        if k not in desired and k != "kopf":
+            changes[k] = None
+    return changes
+
+
+def parse_time(text: str | None) -> datetime.datetime | None:
+    if not text:
+        return None
+    value = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return value if value.tzinfo else value.replace(tzinfo=datetime.UTC)

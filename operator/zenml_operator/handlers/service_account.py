@@ -1,0 +1,360 @@
+"""Reconcile a ServiceAccount resource with ZenML and its Secrets (no Kopf in here).
+
+Crash safety, step by step:
+- account: before asking ZenML to create it, `status.createRequestedAt` is written; after a
+  crash, an account of that name created since then is ours (not a NameConflict);
+- key: keys live under an account we own, so a key of a declared name is ours. The value
+  exists only in ZenML's create/rotate response: if the Secret does not hold the current key
+  (crash between create and write, or a Secret deleted by hand), the key is rotated with no
+  retention (nobody can hold the lost value) and the new value written in one Secret write;
+- nothing in status is trusted blindly: every run re-reads ZenML and the Secrets.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import pydantic
+
+from zenml_operator import secrets as sec
+from zenml_operator import zenml_client as zc
+from zenml_operator.conditions import now_iso, set_condition
+from zenml_operator.handlers.common import Deps, ReconcileProblem, classify, parse_time
+from zenml_operator.kube import KubeConflict
+from zenml_operator.models import API_VERSION, ApiKeySpec, ServiceAccountSpec
+
+PLURAL = "serviceaccounts"
+KIND = "ServiceAccount"
+# How far ZenML's and our clocks may disagree when matching a create intent to an account.
+CLOCK_SKEW = datetime.timedelta(minutes=2)
+
+logger = logging.getLogger(__name__)
+
+
+def parse_spec(body: Mapping[str, Any]) -> ServiceAccountSpec:
+    try:
+        return ServiceAccountSpec.model_validate(dict(body.get("spec") or {}))
+    except pydantic.ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'spec'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ReconcileProblem("InvalidSpec", f"spec is invalid: {problems}") from None
+
+
+class ServiceAccountReconciler:
+    """One run of the reconcile for one resource body."""
+
+    def __init__(self, body: Mapping[str, Any], deps: Deps) -> None:
+        self.body = body
+        self.deps = deps
+        meta = body["metadata"]
+        self.name: str = meta["name"]
+        self.namespace: str = meta["namespace"]
+        self.uid: str = meta["uid"]
+        self.generation: int | None = meta.get("generation")
+        self.status: dict[str, Any] = dict(body.get("status") or {})
+
+    def event(self, type: str, reason: str, message: str) -> None:
+        self.deps.events(self.body, type=type, reason=reason, message=message)
+
+    # --- account -------------------------------------------------------------------
+
+    async def find_owned_account(self, spec: ServiceAccountSpec) -> zc.ServiceAccountInfo | None:
+        """The ZenML account this resource owns, or None if there is none (yet).
+
+        Raises NameConflict when the name is taken by an account that is not ours.
+        """
+        account_name = spec.account_name_for(self.name)
+        known_id = self.status.get("accountId")
+        if known_id:
+            try:
+                account = await self.deps.zenml.get_service_account(known_id)
+            except zc.NotFoundError:
+                account = None  # deleted by hand: re-create below, if the name is free
+            else:
+                if account.name == account_name:
+                    return account
+        try:
+            account = await self.deps.zenml.get_service_account(account_name)
+        except zc.NotFoundError:
+            return None
+        if known_id and account.id == known_id:
+            return account
+        if spec.adopt:
+            self.event("Normal", "Adopted", f"Adopted the existing ZenML account {account_name!r}")
+            return account
+        if self._created_after_our_intent(account):
+            return account
+        raise ReconcileProblem(
+            "NameConflict",
+            f"A ZenML service account named {account_name!r} already exists and was not"
+            " created by this resource; nothing was changed. Set spec.adopt: true to take it"
+            " over, or choose another spec.name.",
+        )
+
+    def _created_after_our_intent(self, account: zc.ServiceAccountInfo) -> bool:
+        intent = parse_time(self.status.get("createRequestedAt"))
+        created = account.created
+        if intent is None or created is None:
+            return False
+        if created.tzinfo is None:
+            created = created.replace(tzinfo=datetime.UTC)
+        return created >= intent - CLOCK_SKEW
+
+    async def ensure_account(self, spec: ServiceAccountSpec) -> zc.ServiceAccountInfo:
+        account = await self.find_owned_account(spec)
+        account_name = spec.account_name_for(self.name)
+        if account is None:
+            # Intent first: a crash after ZenML's create must not look like a NameConflict.
+            intent = now_iso()
+            await self.deps.kube.patch_status(
+                API_VERSION, PLURAL, self.namespace, self.name, {"createRequestedAt": intent}
+            )
+            self.status["createRequestedAt"] = intent
+            try:
+                account = await self.deps.zenml.create_service_account(
+                    account_name, description=spec.description, active=spec.active
+                )
+            except zc.ConflictError:
+                account = await self.find_owned_account(spec)  # raced; judge it as found
+                if account is None:
+                    raise
+            else:
+                recreated = " (it was deleted in ZenML)" if self.status.get("accountId") else ""
+                self.event("Normal", "AccountCreated",
+                           f"Created ZenML service account {account_name!r}{recreated}")
+            return account
+        if account.description != spec.description or account.active != spec.active:
+            account = await self.deps.zenml.update_service_account(
+                account.id, description=spec.description, active=spec.active
+            )
+            self.event("Normal", "AccountUpdated",
+                       f"Updated ZenML service account {account_name!r}"
+                       f" (active={spec.active})")
+        return account
+
+    # --- keys ----------------------------------------------------------------------
+
+    async def ensure_key(
+        self, account: zc.ServiceAccountInfo, key: ApiKeySpec,
+        existing: zc.ApiKeyInfo | None,
+    ) -> dict[str, Any]:
+        secret_name = key.secret_name_for(self.name)
+        entry: dict[str, Any] = {"name": key.name, "secretName": secret_name}
+        secret = await self.deps.kube.get_secret(self.namespace, secret_name)
+        if secret is not None and not sec.is_owned_by(secret, self.uid):
+            entry.update(state="SecretConflict", id=existing.id if existing else None)
+            entry["message"] = (
+                f"Secret {secret_name!r} exists and {sec.owner_description(secret)}; it was"
+                " left untouched. Delete it or set apiKeys[].secretName to another name."
+            )
+            return entry
+
+        issued_at: str | None = None
+        if existing is None:
+            try:
+                issued = await self.deps.zenml.create_api_key(
+                    account.id, key.name, description=key.description
+                )
+            except zc.ConflictError:
+                # Created by a run that crashed before its Secret write: it is ours.
+                existing = await self.deps.zenml.get_api_key(account.id, key.name)
+            else:
+                issued_at = await self.write_value(key, secret, secret_name, issued)
+                self.event("Normal", "ApiKeyCreated",
+                           f"Created API key {key.name!r} into Secret {secret_name!r}")
+                existing = issued.info
+        if existing.description != key.description or existing.active != key.active:
+            existing = await self.deps.zenml.update_api_key(
+                account.id, existing.id, description=key.description, active=key.active
+            )
+        if issued_at is None:
+            if secret is None or not sec.secret_holds_key(secret, existing.id):
+                # ZenML never shows a key's value again: the only way to fill the Secret is
+                # a new value. No retention: nobody can hold the value that was lost.
+                issued = await self.deps.zenml.rotate_api_key(
+                    account.id, existing.id, retain_period_minutes=0
+                )
+                issued_at = await self.write_value(key, secret, secret_name, issued)
+                what = "was missing" if secret is None else "did not hold the current key"
+                self.event(
+                    "Warning", "ApiKeyReissued",
+                    f"Secret {secret_name!r} {what}; ZenML cannot show an existing key's value"
+                    f" again, so API key {key.name!r} was rotated and the new value written",
+                )
+            else:
+                issued_at = (secret["metadata"].get("annotations") or {}).get(sec.ANN_ISSUED_AT)
+                patch = sec.metadata_patch(secret=secret, owner=self.body, key=key,
+                                           zenml_url=self.deps.secret_url)
+                if patch is not None:
+                    patch.setdefault("metadata", {})["resourceVersion"] = (
+                        secret["metadata"]["resourceVersion"])
+                    await self.deps.kube.patch_secret(self.namespace, secret_name, patch)
+        entry.update(
+            id=existing.id,
+            active=existing.active,
+            issuedAt=issued_at,
+            state="Ready" if existing.active else "Deactivated",
+        )
+        return entry
+
+    async def write_value(self, key: ApiKeySpec, secret: Mapping[str, Any] | None,
+                          secret_name: str, issued: zc.IssuedApiKey) -> str:
+        """Put a freshly issued value into the Secret in one write; returns the issue time."""
+        issued_at = now_iso()
+        if secret is None:
+            body = sec.new_secret(
+                owner=self.body, key=key, secret_name=secret_name,
+                zenml_url=self.deps.secret_url, key_id=issued.info.id,
+                key_value=issued.value.reveal(), issued_at=issued_at,
+            )
+            await self.deps.kube.create_secret(self.namespace, body)
+            return issued_at
+        for _ in range(3):
+            patch = sec.value_patch(
+                secret=secret, owner=self.body, key=key, zenml_url=self.deps.secret_url,
+                key_id=issued.info.id, key_value=issued.value.reveal(), issued_at=issued_at,
+            )
+            try:
+                await self.deps.kube.patch_secret(self.namespace, secret_name, patch)
+                return issued_at
+            except KubeConflict:
+                secret = await self.deps.kube.get_secret(self.namespace, secret_name)
+                if secret is None or not sec.is_owned_by(secret, self.uid):
+                    raise ReconcileProblem(
+                        "SecretConflict",
+                        f"Secret {secret_name!r} changed hands while a key was written;"
+                        " retrying.", retry=True) from None
+        raise ReconcileProblem("KubernetesError",
+                               f"Secret {secret_name!r} kept changing; retrying.", retry=True)
+
+    async def remove_key(self, account: zc.ServiceAccountInfo | None,
+                         entry: Mapping[str, Any]) -> None:
+        """A key removed from the spec: delete it in ZenML and its Secret (if ours)."""
+        if account is not None and entry.get("id"):
+            try:
+                await self.deps.zenml.delete_api_key(account.id, entry["id"])
+            except zc.NotFoundError:
+                pass
+        secret_name = entry.get("secretName")
+        if secret_name:
+            secret = await self.deps.kube.get_secret(self.namespace, secret_name)
+            if secret is not None and sec.is_owned_by(secret, self.uid):
+                await self.deps.kube.delete_secret(
+                    self.namespace, secret_name, uid=secret["metadata"].get("uid"))
+        self.event("Normal", "ApiKeyDeleted",
+                   f"Deleted API key {entry.get('name')!r} and Secret {secret_name!r}")
+
+    # --- the whole run ----------------------------------------------------------------
+
+    async def run(self) -> dict[str, Any]:
+        """Converge and return the desired status (the caller writes only what differs)."""
+        status: dict[str, Any] = {
+            k: v for k, v in self.status.items() if k not in ("kopf",)
+        }
+        status["observedGeneration"] = self.generation
+        status["zenmlUrl"] = self.deps.secret_url
+        try:
+            spec = parse_spec(self.body)
+            account = await self.ensure_account(spec)
+            status.update(accountId=account.id, accountName=account.name,
+                          active=account.active)
+            status.pop("createRequestedAt", None)
+            self.status.pop("createRequestedAt", None)
+            existing = {k.name: k for k in await self.deps.zenml.list_api_keys(account.id)}
+            declared = {k.name for k in spec.api_keys}
+            previous = {e["name"]: e for e in self.status.get("apiKeys") or []}
+            entries = [
+                await self.ensure_key(account, key, existing.get(key.name))
+                for key in spec.api_keys
+            ]
+            for name, entry in previous.items():
+                if name not in declared:
+                    await self.remove_key(account, entry)
+        except Exception as exc:
+            problem = classify(exc)
+            if problem is None:
+                raise
+            status["conditions"] = set_condition(
+                self.status.get("conditions"), type="Ready", status=False,
+                reason=problem.reason, message=problem.message, generation=self.generation)
+            if "createRequestedAt" in self.status:
+                status["createRequestedAt"] = self.status["createRequestedAt"]
+            raise ReconcileFailed(status, problem) from exc
+
+        conflicts = [e for e in entries if e.get("state") == "SecretConflict"]
+        status["apiKeys"] = [{k: v for k, v in e.items() if k != "message" and v is not None}
+                             for e in entries]
+        status["readyKeys"] = sum(1 for e in entries if e["state"] in ("Ready", "Deactivated"))
+        if conflicts:
+            reason, ok = "SecretConflict", False
+            message = " ".join(e["message"] for e in conflicts)
+        elif not account.active:
+            reason, ok = "AccountDeactivated", True
+            message = f"ZenML service account {account.name!r} is deactivated (spec.active)."
+        else:
+            reason, ok = "Reconciled", True
+            message = (f"ZenML service account {account.name!r} and {len(entries)} API key(s)"
+                       " are in sync.")
+        status["conditions"] = set_condition(
+            self.status.get("conditions"), type="Ready", status=ok, reason=reason,
+            message=message, generation=self.generation)
+        return status
+
+
+class ReconcileFailed(Exception):
+    """Carries the status to write when a reconcile ends early."""
+
+    def __init__(self, status: dict[str, Any], problem: ReconcileProblem) -> None:
+        super().__init__(problem.message)
+        self.status = status
+        self.problem = problem
+
+
+async def finalize(body: Mapping[str, Any], deps: Deps) -> None:
+    """The resource is being deleted: apply spec.deletionPolicy, remove our Secrets."""
+    rec = ServiceAccountReconciler(body, deps)
+    try:
+        spec = parse_spec(body)
+    except ReconcileProblem:
+        spec = None
+    account = None
+    if spec is not None:
+        try:
+            account = await rec.find_owned_account(spec)
+        except ReconcileProblem:
+            account = None  # NameConflict: that account was never ours; leave it alone
+    policy = spec.deletion_policy if spec else "Retain"
+    if account is not None and policy == "Delete":
+        try:
+            await deps.zenml.delete_service_account(account.id)
+            rec.event("Normal", "AccountDeleted", f"Deleted ZenML service account {account.name!r}")
+        except zc.NotFoundError:
+            pass
+        except zc.ForbiddenError:
+            await deps.zenml.update_service_account(account.id, active=False)
+            rec.event(
+                "Warning", "DeleteFellBackToDeactivate",
+                f"ZenML refused to delete service account {account.name!r} (it owns resources);"
+                " it was deactivated instead, which disables all of its keys.",
+            )
+    elif account is not None and policy == "Deactivate" and account.active:
+        await deps.zenml.update_service_account(account.id, active=False)
+        rec.event("Normal", "AccountDeactivated",
+                  f"Deactivated ZenML service account {account.name!r}")
+    elif account is not None:
+        rec.event("Normal", "AccountRetained",
+                  f"Left ZenML service account {account.name!r} as it is (Retain)")
+    # Owner references let a real cluster collect the Secrets; delete them now anyway so
+    # that no key value outlives its resource (and so emulated clusters behave the same).
+    names = {e.get("secretName") for e in rec.status.get("apiKeys") or []}
+    if spec is not None:
+        names |= {k.secret_name_for(rec.name) for k in spec.api_keys}
+    for name in sorted(n for n in names if n):
+        secret = await deps.kube.get_secret(rec.namespace, name)
+        if secret is not None and sec.is_owned_by(secret, rec.uid):
+            await deps.kube.delete_secret(rec.namespace, name, uid=secret["metadata"].get("uid"))

@@ -1,0 +1,131 @@
+"""Kopf wiring: every decorator of the operator lives here, and only wiring.
+
+`build_registry(config)` returns a fresh registry so that the resync interval comes from
+configuration and tests can run several operators (or restart one) in one process.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from zenml_operator import zenml_client as zc
+from zenml_operator.config import OperatorConfig
+from zenml_operator.handlers import service_account as sa
+from zenml_operator.handlers.common import Deps, classify, status_patch
+from zenml_operator.kube import KubeClient
+from zenml_operator.models import GROUP, VERSION
+
+PREFIX = "operator.zenml.io"
+FINALIZER = "zenml.io/finalizer"
+
+
+def _post_event(body: Any, *, type: str, reason: str, message: str) -> None:
+    kopf.event(body, type=type, reason=reason, message=message)
+
+
+def _deps(memo: Any) -> Deps:
+    if getattr(memo, "deps", None) is None:
+        memo.deps = Deps(
+            zenml=memo.zenml, kube=memo.kube, secret_url=memo.config.url_for_secrets,
+            events=_post_event,
+        )
+    return memo.deps
+
+
+def apply_status(patch: kopf.Patch, current: Any, desired: dict[str, Any]) -> None:
+    for key, value in status_patch(current, desired).items():
+        patch.status[key] = value
+
+
+def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+
+    @kopf.on.startup(registry=registry)
+    async def startup(settings: kopf.OperatorSettings, memo: Any, logger: logging.Logger,
+                      **_: Any) -> None:
+        # Kopf's own bookkeeping goes to annotations: status fields outside our schema
+        # would be pruned by the API server.
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            prefix=PREFIX, key="last-handled-configuration")
+        settings.persistence.finalizer = FINALIZER
+        settings.posting.level = logging.INFO
+        settings.watching.server_timeout = 600
+        settings.watching.client_timeout = 660
+        memo.config = config
+        memo.zenml = zc.ZenMLClient(
+            config.zenml_url, config.zenml_api_key, timeout=config.zenml_timeout,
+            max_retries=config.zenml_retries, max_connections=config.zenml_max_connections,
+        )
+        try:
+            who = await memo.zenml.current_user_name()
+            logger.info(f"Logged in to ZenML at {config.zenml_url} as {who!r}")
+        except zc.ZenMLError as exc:
+            # Not fatal: every resource reports it and the operator retries with backoff.
+            logger.error(f"Cannot log in to ZenML at {config.zenml_url}: {exc}")
+
+    @kopf.on.login(registry=registry)
+    def login(memo: Any, logger: logging.Logger, settings: kopf.OperatorSettings,
+              **kwargs: Any) -> kopf.ConnectionInfo | None:
+        if config.kube_api_url:
+            info = kopf.ConnectionInfo(server=config.kube_api_url, default_namespace="default")
+        else:
+            info = kopf.login_via_client(logger=logger, settings=settings, **kwargs)
+        if info is None:
+            return None
+        if getattr(memo, "kube", None) is None:
+            memo.kube = KubeClient(info)
+        else:
+            memo.kube.update_credentials(info)
+        return info
+
+    @kopf.on.cleanup(registry=registry)
+    async def cleanup(memo: Any, **_: Any) -> None:
+        for name in ("zenml", "kube"):
+            client = getattr(memo, name, None)
+            if client is not None:
+                await client.aclose()
+
+    async def reconcile_service_account(body: kopf.Body, patch: kopf.Patch, memo: Any,
+                                        logger: logging.Logger, **_: Any) -> None:
+        deps = _deps(memo)
+        async with deps.lock_for(body.metadata.uid):
+            try:
+                desired = await sa.ServiceAccountReconciler(body, deps).run()
+            except sa.ReconcileFailed as failed:
+                apply_status(patch, body.get("status"), failed.status)
+                previous = (body.get("status") or {}).get("conditions") or []
+                if not any(c.get("reason") == failed.problem.reason for c in previous):
+                    kopf.event(body, type="Warning", reason=failed.problem.reason,
+                               message=failed.problem.message)
+                if failed.problem.retry:
+                    raise kopf.TemporaryError(failed.problem.message,
+                                              delay=config.retry_delay) from None
+                logger.warning(f"{failed.problem.reason}: {failed.problem.message}")
+                return
+            apply_status(patch, body.get("status"), desired)
+
+    sa_resource = (GROUP, VERSION, sa.PLURAL)
+    for decorator in (kopf.on.create, kopf.on.update, kopf.on.resume):
+        decorator(*sa_resource, registry=registry, id="reconcile")(reconcile_service_account)
+    # Drift: re-read ZenML and the Secrets every resync interval; writes only on a difference.
+    kopf.timer(*sa_resource, registry=registry, id="resync", interval=config.resync_seconds,
+               initial_delay=config.resync_seconds)(reconcile_service_account)
+
+    @kopf.on.delete(*sa_resource, registry=registry, id="finalize")
+    async def finalize_service_account(body: kopf.Body, memo: Any, **_: Any) -> None:
+        deps = _deps(memo)
+        async with deps.lock_for(body.metadata.uid):
+            try:
+                await sa.finalize(body, deps)
+            except Exception as exc:
+                problem = classify(exc)
+                if problem is None:
+                    raise
+                raise kopf.TemporaryError(problem.message, delay=config.retry_delay) from None
+        deps.locks.pop(body.metadata.uid, None)
+
+    return registry
