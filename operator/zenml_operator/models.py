@@ -195,8 +195,10 @@ class ServiceAccountSpec(_Model):
                         "apiKeys[].name must be unique",
                     ),
                     cel(
-                        "self.all(k, !has(k.secretName)"
-                        " || self.exists_one(o, has(o.secretName) && o.secretName == k.secretName))",
+                        # Written without `||` short-circuits: cel-python (used by the
+                        # tests) evaluates both sides and fails on absent fields.
+                        "self.filter(k, has(k.secretName)).all(k, self.filter(o,"
+                        " has(o.secretName)).exists_one(o, o.secretName == k.secretName))",
                         "apiKeys[].secretName must be unique",
                     ),
                 ]

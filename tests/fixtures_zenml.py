@@ -1,0 +1,54 @@
+"""Pytest plugin: one real ZenML server per test session.
+
+Load with `pytest_plugins = ["fixtures_zenml"]` (with `tests` on the Python path) or
+`-p fixtures_zenml`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from zenml_operator.devstack.zenml_server import (
+    ZenMLServer,
+    create_service_account_with_key,
+    start_zenml_server,
+)
+from zenml_operator.zenml_client import ZenMLClient
+
+OPERATOR_ACCOUNT = "zenml-operator"
+
+
+@pytest.fixture(scope="session")
+def zenml_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ZenMLServer]:
+    server = start_zenml_server(tmp_path_factory.mktemp("zenml-server"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def operator_api_key(zenml_server: ZenMLServer) -> str:
+    """The API key of the `zenml-operator` service account, with admin rights.
+
+    ZenML OSS has no API to give a service account the admin rights needed to manage
+    other service accounts, so the devstack sets the flag in the server's database.
+    """
+    key = create_service_account_with_key(
+        zenml_server.url, zenml_server.admin_password, OPERATOR_ACCOUNT
+    )
+    zenml_server.grant_admin(OPERATOR_ACCOUNT)
+    return key
+
+
+@pytest.fixture
+async def zenml_client(
+    zenml_server: ZenMLServer, operator_api_key: str
+) -> AsyncIterator[ZenMLClient]:
+    client = ZenMLClient(zenml_server.url, operator_api_key)
+    try:
+        yield client
+    finally:
+        await client.aclose()

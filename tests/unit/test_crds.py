@@ -1,0 +1,86 @@
+"""The CRDs in crds/ are generated from the models, structural, and enforce the rules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from schema_tools import admit
+from zenml_operator.crdgen import all_crds, render
+
+CRDS = Path(__file__).resolve().parents[2] / "crds"
+
+
+def test_crds_directory_matches_models() -> None:
+    for filename, crd in all_crds().items():
+        path = CRDS / filename
+        assert path.exists(), f"{path} missing: run `zenml-operator crds`"
+        assert path.read_text() == render(crd), f"{path} drifted: run `zenml-operator crds`"
+    assert {p.name for p in CRDS.glob("*.yaml")} == set(all_crds())
+
+
+def _walk(schema: dict, path: str = ""):
+    yield path, schema
+    for name, sub in (schema.get("properties") or {}).items():
+        yield from _walk(sub, f"{path}.{name}")
+    if isinstance(schema.get("items"), dict):
+        yield from _walk(schema["items"], f"{path}[]")
+    if isinstance(schema.get("additionalProperties"), dict):
+        yield from _walk(schema["additionalProperties"], f"{path}{{}}")
+
+
+@pytest.mark.parametrize("filename", sorted(all_crds()))
+def test_schema_is_structural(filename: str) -> None:
+    crd = yaml.safe_load((CRDS / filename).read_text())
+    assert crd["apiVersion"] == "apiextensions.k8s.io/v1"
+    version = crd["spec"]["versions"][0]
+    assert version["subresources"] == {"status": {}}
+    assert "zenml" in crd["spec"]["names"]["categories"]
+    for path, node in _walk(version["schema"]["openAPIV3Schema"]):
+        assert "type" in node or node.get("x-kubernetes-preserve-unknown-fields"), path
+        for banned in ("$ref", "anyOf", "oneOf", "allOf", "title", "nullable", "const"):
+            assert banned not in node, f"{path}: {banned}"
+        assert not ("properties" in node and "additionalProperties" in node), path
+
+
+GOOD = {"apiKeys": [{"name": "ci"}, {"name": "batch", "secretName": "batch-creds"}]}
+
+
+def test_valid_spec_is_admitted() -> None:
+    assert admit("ServiceAccount", GOOD) == []
+    assert admit("ServiceAccount", {}) == []
+
+
+@pytest.mark.parametrize(
+    ("spec", "fragment"),
+    [
+        ({"name": "Not_DNS"}, "does not match"),
+        ({"name": "a" * 64}, "longer than 63"),
+        ({"deletionPolicy": "Purge"}, "must be one of"),
+        ({"apiKeys": [{"name": "a"}, {"name": "a"}]}, "name must be unique"),
+        ({"apiKeys": [{"name": "a", "secretName": "s"}, {"name": "b", "secretName": "s"}]},
+         "secretName must be unique"),
+        ({"apiKeys": [{"name": "a", "secretName": "UPPER"}]}, "does not match"),
+        ({"apiKeys": [{"description": "no name"}]}, "required"),
+        ({"apiKeys": [{"name": "a", "secretTemplate": {"keys": {"url": "X", "apiKey": "X"}}}]},
+         "must differ"),
+        ({"apiKeys": [{"name": "a", "secretTemplate": {"keys": {"url": "bad key!"}}}]},
+         "does not match"),
+        ({"apiKeys": [{"name": f"k{i}"} for i in range(33)]}, "more than 32"),
+        ({"description": "x" * 5000}, "longer than 1024"),
+        ({"unknownField": 1}, "unknown field"),
+        ({"active": "yes"}, "must be boolean"),
+    ],
+)
+def test_bad_spec_is_rejected(spec: dict, fragment: str) -> None:
+    errors = admit("ServiceAccount", spec)
+    assert any(fragment in e for e in errors), errors
+
+
+def test_name_is_immutable() -> None:
+    assert admit("ServiceAccount", {"name": "a"}, old_spec={"name": "a"}) == []
+    assert any("immutable" in e for e in admit("ServiceAccount", {"name": "b"}, {"name": "a"}))
+    assert any("immutable" in e for e in admit("ServiceAccount", {"name": "b"}, {}))
+    assert any("immutable" in e for e in admit("ServiceAccount", {}, {"name": "a"}))
