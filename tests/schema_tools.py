@@ -42,9 +42,11 @@ def validate(schema: dict[str, Any], value: Any, old: Any = None, path: str = ""
     errors: list[str] = []
     kind = schema.get("type")
     type_ok = {
-        "object": isinstance(value, dict), "array": isinstance(value, list),
-        "string": isinstance(value, str), "integer": isinstance(value, int)
-        and not isinstance(value, bool), "boolean": isinstance(value, bool),
+        "object": isinstance(value, dict),
+        "array": isinstance(value, list),
+        "string": isinstance(value, str),
+        "integer": isinstance(value, int) and not isinstance(value, bool),
+        "boolean": isinstance(value, bool),
         "number": isinstance(value, int | float) and not isinstance(value, bool),
     }
     if kind and not type_ok.get(kind, True):

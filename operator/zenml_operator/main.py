@@ -16,7 +16,7 @@ from zenml_operator.config import OperatorConfig
 from zenml_operator.handlers import service_account as sa
 from zenml_operator.handlers.common import Deps, classify, status_patch
 from zenml_operator.kube import KubeClient
-from zenml_operator.models import GROUP, VERSION
+from zenml_operator.models import API_VERSION, GROUP, VERSION
 
 PREFIX = "operator.zenml.io"
 FINALIZER = "zenml.io/finalizer"
@@ -33,11 +33,6 @@ def _deps(memo: Any) -> Deps:
             events=_post_event,
         )
     return memo.deps
-
-
-def apply_status(patch: kopf.Patch, current: Any, desired: dict[str, Any]) -> None:
-    for key, value in status_patch(current, desired).items():
-        patch.status[key] = value
 
 
 def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
@@ -89,24 +84,37 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
             if client is not None:
                 await client.aclose()
 
-    async def reconcile_service_account(body: kopf.Body, patch: kopf.Patch, memo: Any,
-                                        logger: logging.Logger, **_: Any) -> None:
+    async def reconcile_service_account(body: kopf.Body, memo: Any, logger: logging.Logger,
+                                        **_: Any) -> None:
         deps = _deps(memo)
-        async with deps.lock_for(body.metadata.uid):
-            try:
-                desired = await sa.ServiceAccountReconciler(body, deps).run()
-            except sa.ReconcileFailed as failed:
-                apply_status(patch, body.get("status"), failed.status)
-                previous = (body.get("status") or {}).get("conditions") or []
-                if not any(c.get("reason") == failed.problem.reason for c in previous):
-                    kopf.event(body, type="Warning", reason=failed.problem.reason,
-                               message=failed.problem.message)
-                if failed.problem.retry:
-                    raise kopf.TemporaryError(failed.problem.message,
-                                              delay=config.retry_delay) from None
-                logger.warning(f"{failed.problem.reason}: {failed.problem.message}")
+        meta = body.metadata
+        async with deps.lock_for(meta.uid):
+            # Re-read under the lock: the body Kopf hands a timer may predate the status
+            # the previous handler wrote, and deciding on stale status is how duplicates and
+            # false NameConflicts happen.
+            fresh = await deps.kube.get_object(API_VERSION, sa.PLURAL, meta.namespace, meta.name)
+            if fresh is None or fresh["metadata"].get("uid") != meta.uid:
                 return
-            apply_status(patch, body.get("status"), desired)
+            if fresh["metadata"].get("deletionTimestamp"):
+                return  # the deletion handler owns it now
+            problem = None
+            try:
+                desired = await sa.ServiceAccountReconciler(fresh, deps).run()
+            except sa.ReconcileFailed as failed:
+                desired, problem = failed.status, failed.problem
+            # Status is written here, under the lock, not by Kopf after the handler.
+            changes = status_patch(fresh.get("status"), desired)
+            if changes:
+                await deps.kube.patch_status(API_VERSION, sa.PLURAL, meta.namespace, meta.name,
+                                             changes)
+        if problem is None:
+            return
+        previous = (fresh.get("status") or {}).get("conditions") or []
+        if not any(c.get("reason") == problem.reason for c in previous):
+            kopf.event(fresh, type="Warning", reason=problem.reason, message=problem.message)
+        if problem.retry:
+            raise kopf.TemporaryError(problem.message, delay=config.retry_delay)
+        logger.warning(f"{problem.reason}: {problem.message}")
 
     sa_resource = (GROUP, VERSION, sa.PLURAL)
     for decorator in (kopf.on.create, kopf.on.update, kopf.on.resume):
@@ -118,9 +126,11 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
     @kopf.on.delete(*sa_resource, registry=registry, id="finalize")
     async def finalize_service_account(body: kopf.Body, memo: Any, **_: Any) -> None:
         deps = _deps(memo)
-        async with deps.lock_for(body.metadata.uid):
+        meta = body.metadata
+        async with deps.lock_for(meta.uid):
+            fresh = await deps.kube.get_object(API_VERSION, sa.PLURAL, meta.namespace, meta.name)
             try:
-                await sa.finalize(body, deps)
+                await sa.finalize(fresh or body, deps)
             except Exception as exc:
                 problem = classify(exc)
                 if problem is None:

@@ -586,9 +586,7 @@ class ZenMLClient:
             update["description"] = description
         if active is not None:
             update["active"] = active
-        data = await self._call(
-            "PUT", f"{self._keys_path(account_id)}/{_seg(key_id)}", json=update
-        )
+        data = await self._call("PUT", f"{self._keys_path(account_id)}/{_seg(key_id)}", json=update)
         return _api_key(data)
 
     async def rotate_api_key(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
@@ -43,10 +44,8 @@ def unique(prefix: str) -> str:
 async def account(zenml_client: ZenMLClient) -> AsyncIterator[ServiceAccountInfo]:
     info = await zenml_client.create_service_account(unique("sa"), description="test account")
     yield info
-    try:
+    with contextlib.suppress(NotFoundError):
         await zenml_client.delete_service_account(info.id)
-    except NotFoundError:
-        pass
 
 
 async def assert_login_fails(url: str, key: ApiKeyValue) -> None:
@@ -247,18 +246,26 @@ async def test_deactivated_account_disables_its_keys(
 # ------------------------------------------------------------------- authentication
 
 
-async def test_logs_in_again_when_token_is_rejected(zenml_client: ZenMLClient) -> None:
-    assert await zenml_client.current_user_name() == "zenml-operator"
-    assert zenml_client.request_count == 2  # login + call
-    zenml_client._token = "not-a-valid-token"
-    assert await zenml_client.current_user_name() == "zenml-operator"
-    assert zenml_client.request_count == 5  # rejected call + login + retried call
+async def test_logs_in_lazily_and_again_when_token_is_rejected(
+    zenml_server: ZenMLServer, operator_api_key: str
+) -> None:
+    async with ZenMLClient(zenml_server.url, operator_api_key) as client:
+        assert client.request_count == 0  # no login before the first call
+        assert await client.current_user_name() == "zenml-operator"
+        assert client.request_count == 2  # login + call
+        assert await client.current_user_name() == "zenml-operator"
+        assert client.request_count == 3  # token reused
+        client._token = "not-a-valid-token"
+        assert await client.current_user_name() == "zenml-operator"
+        assert client.request_count == 6  # rejected call + login + retried call
 
 
-async def test_keeps_no_cookies(zenml_server: ZenMLServer, zenml_client: ZenMLClient) -> None:
+async def test_keeps_no_cookies(zenml_server: ZenMLServer, operator_api_key: str) -> None:
     # The server sets a session cookie at login and prefers it over the bearer token.
-    await zenml_client.current_user_name()
-    assert list(zenml_client._http.cookies.jar) == []
+    async with ZenMLClient(zenml_server.url, operator_api_key) as client:
+        await client.current_user_name()
+        assert client.request_count == 2  # a real login happened
+        assert list(client._http.cookies.jar) == []
 
 
 async def test_concurrent_callers_share_one_login(
@@ -280,9 +287,7 @@ async def test_rejected_operator_key_is_unauthorized_without_leaking(
             await client.get_service_account(account.id)
     message = str(caught.value)
     assert "ZENML_STORE_API_KEY" in message and "rejected" in message
-    assert issued.value.reveal() not in message and issued.value.reveal() not in repr(
-        caught.value
-    )
+    assert issued.value.reveal() not in message and issued.value.reveal() not in repr(caught.value)
 
 
 async def test_malformed_operator_key_is_unauthorized(zenml_server: ZenMLServer) -> None:
@@ -344,15 +349,18 @@ async def test_reprs_never_show_the_key_value(
         assert secret not in text
     assert "<ApiKeyValue ***>" in repr(issued)
 
-    async def as_wrong_key() -> str:
-        async with ZenMLClient(zenml_client.url, secret + "x") as client:
+    # A refused credential that is the real key value: the worst case for leaking it.
+    await zenml_client.update_api_key(account.id, issued.info.id, active=False)
+
+    async def as_refused_key() -> str:
+        async with ZenMLClient(zenml_client.url, secret) as client:
             return await client.current_user_name()
 
     errors: list[ZenMLError] = []
     for action in (
         lambda: zenml_client.create_api_key(account.id, "k"),
-        lambda: login_with_api_key(zenml_client.url, secret + "x"),
-        as_wrong_key,
+        lambda: login_with_api_key(zenml_client.url, secret),
+        as_refused_key,
     ):
         with pytest.raises(ZenMLError) as caught:
             await action()

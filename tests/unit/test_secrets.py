@@ -12,8 +12,15 @@ FAKE_VALUE = "ZENKEY_fake-value-for-unit-tests"
 
 
 def _secret(key: ApiKeySpec) -> dict:
-    body = sec.new_secret(owner=OWNER, key=key, secret_name="ci-main", zenml_url=URL,
-                          key_id="kid", key_value=FAKE_VALUE, issued_at="2026-01-01T00:00:00Z")
+    body = sec.new_secret(
+        owner=OWNER,
+        key=key,
+        secret_name="ci-main",
+        zenml_url=URL,
+        key_id="kid",
+        key_value=FAKE_VALUE,
+        issued_at="2026-01-01T00:00:00Z",
+    )
     body["metadata"]["resourceVersion"] = "7"
     return body
 
@@ -53,8 +60,9 @@ def test_template_labels_and_annotations_follow_the_spec() -> None:
     new = ApiKeySpec(name="main", secret_template={"labels": {"c": "3"}})
     secret = _secret(old)
     secret["metadata"]["labels"]["user-added"] = "kept"
-    merged = merge_patch(secret, sec.metadata_patch(secret=secret, owner=OWNER, key=new,
-                                                    zenml_url=URL))
+    merged = merge_patch(
+        secret, sec.metadata_patch(secret=secret, owner=OWNER, key=new, zenml_url=URL)
+    )
     labels = merged["metadata"]["labels"]
     assert "a" not in labels and labels["c"] == "3" and labels["user-added"] == "kept"
     assert "b" not in merged["metadata"]["annotations"]
@@ -63,8 +71,15 @@ def test_template_labels_and_annotations_follow_the_spec() -> None:
 def test_value_patch_is_one_write_with_a_precondition() -> None:
     key = ApiKeySpec(name="main")
     secret = _secret(key)
-    patch = sec.value_patch(secret=secret, owner=OWNER, key=key, zenml_url=URL, key_id="kid2",
-                            key_value="ZENKEY_new", issued_at="2026-02-01T00:00:00Z")
+    patch = sec.value_patch(
+        secret=secret,
+        owner=OWNER,
+        key=key,
+        zenml_url=URL,
+        key_id="kid2",
+        key_value="ZENKEY_new",
+        issued_at="2026-02-01T00:00:00Z",
+    )
     assert patch["metadata"]["resourceVersion"] == "7"
     merged = merge_patch(secret, patch)
     assert sec.secret_holds_key(merged, "kid2")
@@ -72,7 +87,12 @@ def test_value_patch_is_one_write_with_a_precondition() -> None:
 
 
 def test_foreign_owner_is_described() -> None:
-    secret = {"metadata": {"ownerReferences": [
-        {"kind": "ServiceAccount", "name": "other", "uid": "x", "controller": True}]}}
+    secret = {
+        "metadata": {
+            "ownerReferences": [
+                {"kind": "ServiceAccount", "name": "other", "uid": "x", "controller": True}
+            ]
+        }
+    }
     assert "ServiceAccount/other" in sec.owner_description(secret)
     assert "not created by this operator" in sec.owner_description({"metadata": {}})

@@ -67,12 +67,13 @@ def _log_tail(path: Path, lines: int = 40) -> str:
         return "(no log)"
 
 
-def _jwt_secret(data_dir: Path) -> str:
-    # Fixed per data dir, so tokens and the database stay valid across restarts, yet
-    # not a constant shared by every devstack server.
-    path = data_dir / "jwt_secret"
+def _persistent_secret(data_dir: Path, name: str) -> str:
+    # Generated once per data dir and reused, so a server restarted on the same database
+    # keeps its admin password (only applied when the default user is first created) and
+    # its JWT secret (so issued tokens stay valid), yet no constant is shared by all.
+    path = data_dir / name
     if not path.exists():
-        path.write_text(secrets.token_hex(32))
+        path.write_text(secrets.token_urlsafe(32))
         path.chmod(0o600)
     return path.read_text().strip()
 
@@ -130,7 +131,7 @@ def start_zenml_server(
     python = python or find_zenml_python()
     port = port or _free_port()
     url = f"http://127.0.0.1:{port}"
-    admin_password = secrets.token_urlsafe(18)
+    admin_password = _persistent_secret(data_dir, "admin_password")
 
     # Drop inherited ZENML_* (e.g. the operator's own ZENML_STORE_API_KEY) and Python
     # path settings of the operator's environment: the server has its own venv.
@@ -147,7 +148,7 @@ def start_zenml_server(
             "ZENML_SERVER_AUTH_SCHEME": "OAUTH2_PASSWORD_BEARER",
             "ZENML_SERVER_AUTO_ACTIVATE": "true",
             "ZENML_DEFAULT_USER_PASSWORD": admin_password,
-            "ZENML_SERVER_JWT_SECRET_KEY": _jwt_secret(data_dir),
+            "ZENML_SERVER_JWT_SECRET_KEY": _persistent_secret(data_dir, "jwt_secret"),
             "ZENML_ANALYTICS_OPT_IN": "false",
         }
     )

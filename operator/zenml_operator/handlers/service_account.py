@@ -12,6 +12,7 @@ Crash safety, step by step:
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 from collections.abc import Mapping
@@ -236,10 +237,8 @@ class ServiceAccountReconciler:
                          entry: Mapping[str, Any]) -> None:
         """A key removed from the spec: delete it in ZenML and its Secret (if ours)."""
         if account is not None and entry.get("id"):
-            try:
+            with contextlib.suppress(zc.NotFoundError):
                 await self.deps.zenml.delete_api_key(account.id, entry["id"])
-            except zc.NotFoundError:
-                pass
         secret_name = entry.get("secretName")
         if secret_name:
             secret = await self.deps.kube.get_secret(self.namespace, secret_name)
