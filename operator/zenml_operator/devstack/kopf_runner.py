@@ -149,7 +149,9 @@ class BackgroundOperator:
             tasks = self._root_tasks = await kopf.spawn_tasks(
                 registry=self.registry,
                 settings=self.settings,
+                # No namespaces: cluster-wide (said explicitly, else Kopf warns and guesses).
                 namespaces=self.namespaces,
+                clusterwide=not self.namespaces,
                 standalone=True,
                 memo=self.memo,
                 ready_flag=self._ready_flag,
@@ -293,6 +295,8 @@ async def start_operator(
     ready_timeout: float | None = 10.0,
 ) -> BackgroundOperator:
     """Start a BackgroundOperator; wait until it is ready unless ``ready_timeout`` is None.
+
+    `namespaces` are exact names (scanning is disabled); an empty list means cluster-wide.
 
     The registry must contain a ``@kopf.on.login(registry=registry)`` handler (for instance
     from `add_login_handler`): nothing here decides which cluster to talk to.
