@@ -17,8 +17,10 @@ def _run(args: argparse.Namespace) -> int:
 
     namespaces = tuple(args.namespace or ())
     if not namespaces and not args.all_namespaces:
-        print("zenml-operator run: give --namespace NS (repeatable) or --all-namespaces",
-              file=sys.stderr)
+        print(
+            "zenml-operator run: give --namespace NS (repeatable) or --all-namespaces",
+            file=sys.stderr,
+        )
         return 2
     try:
         config = config_from_env(namespaces)
@@ -60,23 +62,27 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the operator against a Kubernetes cluster")
-    run.add_argument("-n", "--namespace", action="append",
-                     help="namespace to watch (repeatable)")
+    run.add_argument("-n", "--namespace", action="append", help="namespace to watch (repeatable)")
     run.add_argument("-A", "--all-namespaces", action="store_true")
-    run.add_argument("--liveness-port", type=int, default=8080,
-                     help="serve /healthz on this port (0: off)")
-    run.add_argument("--peering", default="",
-                     help="Kopf peering object name for HA (default: standalone)")
+    run.add_argument(
+        "--liveness-port", type=int, default=8080, help="serve /healthz on this port (0: off)"
+    )
+    run.add_argument(
+        "--peering", default="", help="Kopf peering object name for HA (default: standalone)"
+    )
     run.add_argument("--log-format", default="plain", choices=["plain", "full", "json"])
     run.add_argument("-v", "--verbose", action="store_true")
     run.set_defaults(func=_run)
 
     demo = sub.add_parser(
-        "demo", help="local demo: a real ZenML server + an EMULATED Kubernetes API")
-    demo.add_argument("--keep-running", action="store_true",
-                      help="keep the operator running after the checks")
-    demo.add_argument("--workdir", default=".zenml-demo",
-                      help="where the demo ZenML server keeps its data")
+        "demo", help="local demo: a real ZenML server + an EMULATED Kubernetes API"
+    )
+    demo.add_argument(
+        "--keep-running", action="store_true", help="keep the operator running after the checks"
+    )
+    demo.add_argument(
+        "--workdir", default=".zenml-demo", help="where the demo ZenML server keeps its data"
+    )
     demo.set_defaults(func=_demo)
 
     crds = sub.add_parser("crds", help="write the CRDs generated from the models")

@@ -91,8 +91,12 @@ def _printer_columns(kind: str) -> list[dict[str, Any]]:
         *common_head,
         {"name": "Last Rotation", "type": "date", "jsonPath": ".status.lastRotationTime"},
         {"name": "Next Rotation", "type": "date", "jsonPath": ".status.nextRotationTime"},
-        {"name": "Rotations", "type": "integer", "jsonPath": ".status.rotationCount",
-         "priority": 1},
+        {
+            "name": "Rotations",
+            "type": "integer",
+            "jsonPath": ".status.rotationCount",
+            "priority": 1,
+        },
         *age,
     ]
 

@@ -10,6 +10,7 @@ loop (a sync client in an async handler would) and reuses connections.
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import ssl
 import tempfile
@@ -44,10 +45,8 @@ class KubeNotFound(KubeError):
 def _materialise(data: str | bytes, suffix: str) -> str:
     """httpx/ssl want files for client certificates; Kopf may hand us inline data."""
     raw = data.encode() if isinstance(data, str) else data
-    try:
+    with contextlib.suppress(ValueError):  # already PEM
         raw = base64.b64decode(raw, validate=True)
-    except ValueError:
-        pass  # already PEM
     handle = tempfile.NamedTemporaryFile(suffix=suffix, delete=False)  # noqa: SIM115
     handle.write(raw)
     handle.close()
@@ -77,8 +76,9 @@ def ssl_context_for(info: kopf.ConnectionInfo) -> ssl.SSLContext | bool:
 class KubeClient:
     """Namespaced CRUD on the few kinds the operator touches."""
 
-    def __init__(self, info: kopf.ConnectionInfo, *, timeout: float = 15.0,
-                 max_connections: int = 50) -> None:
+    def __init__(
+        self, info: kopf.ConnectionInfo, *, timeout: float = 15.0, max_connections: int = 50
+    ) -> None:
         self._info = info
         self._http = httpx.AsyncClient(
             base_url=info.server.rstrip("/"),
@@ -96,8 +96,9 @@ class KubeClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _request(self, method: str, path: str, *, json: Any = None,
-                       content_type: str | None = None) -> dict[str, Any]:
+    async def _request(
+        self, method: str, path: str, *, json: Any = None, content_type: str | None = None
+    ) -> dict[str, Any]:
         headers = dict(self._info.as_http_headers())
         if content_type:
             headers["Content-Type"] = content_type
@@ -130,11 +131,13 @@ class KubeClient:
     async def create_secret(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
         return await self._request("POST", self._secrets(namespace), json=body)
 
-    async def patch_secret(self, namespace: str, name: str, patch: Mapping[str, Any]
-                           ) -> dict[str, Any]:
+    async def patch_secret(
+        self, namespace: str, name: str, patch: Mapping[str, Any]
+    ) -> dict[str, Any]:
         """Merge-patch; include metadata.resourceVersion in `patch` for a 409 on races."""
-        return await self._request("PATCH", f"{self._secrets(namespace)}/{name}",
-                                   json=patch, content_type=MERGE_PATCH)
+        return await self._request(
+            "PATCH", f"{self._secrets(namespace)}/{name}", json=patch, content_type=MERGE_PATCH
+        )
 
     async def delete_secret(self, namespace: str, name: str, *, uid: str | None = None) -> bool:
         """Delete; with `uid`, only that incarnation of the Secret (a precondition)."""
@@ -149,25 +152,31 @@ class KubeClient:
 
     # --- Custom resources ------------------------------------------------------------
 
-    async def patch_status(self, api_version: str, plural: str, namespace: str, name: str,
-                           status: Mapping[str, Any]) -> dict[str, Any]:
+    async def patch_status(
+        self, api_version: str, plural: str, namespace: str, name: str, status: Mapping[str, Any]
+    ) -> dict[str, Any]:
         """Write status now, not at the handler's end: used for intent records."""
         path = f"/apis/{api_version}/namespaces/{namespace}/{plural}/{name}/status"
-        return await self._request("PATCH", path, json={"status": status},
-                                   content_type=MERGE_PATCH)
+        return await self._request("PATCH", path, json={"status": status}, content_type=MERGE_PATCH)
 
-    async def get_object(self, api_version: str, plural: str, namespace: str, name: str
-                         ) -> dict[str, Any] | None:
+    async def get_object(
+        self, api_version: str, plural: str, namespace: str, name: str
+    ) -> dict[str, Any] | None:
         prefix = "/api" if "/" not in api_version else "/apis"
         try:
             return await self._request(
-                "GET", f"{prefix}/{api_version}/namespaces/{namespace}/{plural}/{name}")
+                "GET", f"{prefix}/{api_version}/namespaces/{namespace}/{plural}/{name}"
+            )
         except KubeNotFound:
             return None
 
-    async def patch_object(self, api_version: str, plural: str, namespace: str, name: str,
-                           patch: Mapping[str, Any]) -> dict[str, Any]:
+    async def patch_object(
+        self, api_version: str, plural: str, namespace: str, name: str, patch: Mapping[str, Any]
+    ) -> dict[str, Any]:
         prefix = "/api" if "/" not in api_version else "/apis"
         return await self._request(
-            "PATCH", f"{prefix}/{api_version}/namespaces/{namespace}/{plural}/{name}",
-            json=patch, content_type=MERGE_PATCH)
+            "PATCH",
+            f"{prefix}/{api_version}/namespaces/{namespace}/{plural}/{name}",
+            json=patch,
+            content_type=MERGE_PATCH,
+        )

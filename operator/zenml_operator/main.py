@@ -29,7 +29,9 @@ def _post_event(body: Any, *, type: str, reason: str, message: str) -> None:
 def _deps(memo: Any) -> Deps:
     if getattr(memo, "deps", None) is None:
         memo.deps = Deps(
-            zenml=memo.zenml, kube=memo.kube, secret_url=memo.config.url_for_secrets,
+            zenml=memo.zenml,
+            kube=memo.kube,
+            secret_url=memo.config.url_for_secrets,
             events=_post_event,
         )
     return memo.deps
@@ -39,21 +41,26 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
 
     @kopf.on.startup(registry=registry)
-    async def startup(settings: kopf.OperatorSettings, memo: Any, logger: logging.Logger,
-                      **_: Any) -> None:
+    async def startup(
+        settings: kopf.OperatorSettings, memo: Any, logger: logging.Logger, **_: Any
+    ) -> None:
         # Kopf's own bookkeeping goes to annotations: status fields outside our schema
         # would be pruned by the API server.
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-            prefix=PREFIX, key="last-handled-configuration")
+            prefix=PREFIX, key="last-handled-configuration"
+        )
         settings.persistence.finalizer = FINALIZER
         settings.posting.level = logging.INFO
         settings.watching.server_timeout = 600
         settings.watching.client_timeout = 660
         memo.config = config
         memo.zenml = zc.ZenMLClient(
-            config.zenml_url, config.zenml_api_key, timeout=config.zenml_timeout,
-            max_retries=config.zenml_retries, max_connections=config.zenml_max_connections,
+            config.zenml_url,
+            config.zenml_api_key,
+            timeout=config.zenml_timeout,
+            max_retries=config.zenml_retries,
+            max_connections=config.zenml_max_connections,
         )
         try:
             who = await memo.zenml.current_user_name()
@@ -63,8 +70,9 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
             logger.error(f"Cannot log in to ZenML at {config.zenml_url}: {exc}")
 
     @kopf.on.login(registry=registry)
-    def login(memo: Any, logger: logging.Logger, settings: kopf.OperatorSettings,
-              **kwargs: Any) -> kopf.ConnectionInfo | None:
+    def login(
+        memo: Any, logger: logging.Logger, settings: kopf.OperatorSettings, **kwargs: Any
+    ) -> kopf.ConnectionInfo | None:
         if config.kube_api_url:
             info = kopf.ConnectionInfo(server=config.kube_api_url, default_namespace="default")
         else:
@@ -84,8 +92,9 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
             if client is not None:
                 await client.aclose()
 
-    async def reconcile_service_account(body: kopf.Body, memo: Any, logger: logging.Logger,
-                                        **_: Any) -> None:
+    async def reconcile_service_account(
+        body: kopf.Body, memo: Any, logger: logging.Logger, **_: Any
+    ) -> None:
         deps = _deps(memo)
         meta = body.metadata
         async with deps.lock_for(meta.uid):
@@ -105,8 +114,9 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
             # Status is written here, under the lock, not by Kopf after the handler.
             changes = status_patch(fresh.get("status"), desired)
             if changes:
-                await deps.kube.patch_status(API_VERSION, sa.PLURAL, meta.namespace, meta.name,
-                                             changes)
+                await deps.kube.patch_status(
+                    API_VERSION, sa.PLURAL, meta.namespace, meta.name, changes
+                )
         if problem is None:
             return
         previous = (fresh.get("status") or {}).get("conditions") or []
@@ -120,8 +130,13 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
     for decorator in (kopf.on.create, kopf.on.update, kopf.on.resume):
         decorator(*sa_resource, registry=registry, id="reconcile")(reconcile_service_account)
     # Drift: re-read ZenML and the Secrets every resync interval; writes only on a difference.
-    kopf.timer(*sa_resource, registry=registry, id="resync", interval=config.resync_seconds,
-               initial_delay=config.resync_seconds)(reconcile_service_account)
+    kopf.timer(
+        *sa_resource,
+        registry=registry,
+        id="resync",
+        interval=config.resync_seconds,
+        initial_delay=config.resync_seconds,
+    )(reconcile_service_account)
 
     @kopf.on.delete(*sa_resource, registry=registry, id="finalize")
     async def finalize_service_account(body: kopf.Body, memo: Any, **_: Any) -> None:

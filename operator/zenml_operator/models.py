@@ -75,13 +75,15 @@ class SecretTemplate(_Model):
 
     labels: Annotated[
         dict[str, str],
-        Field(description="Labels added to the Secret (the operator's own labels win).",
-              max_length=64),
+        Field(
+            description="Labels added to the Secret (the operator's own labels win).", max_length=64
+        ),
     ] = {}
     annotations: Annotated[
         dict[str, str],
-        Field(description="Annotations added to the Secret (the operator's own win).",
-              max_length=64),
+        Field(
+            description="Annotations added to the Secret (the operator's own win).", max_length=64
+        ),
     ] = {}
     keys: Annotated[
         SecretKeys,
@@ -157,8 +159,7 @@ class ServiceAccountSpec(_Model):
         ),
     ] = None
     description: Annotated[
-        str, Field(description="Service account description in ZenML.",
-                   max_length=MAX_DESCRIPTION)
+        str, Field(description="Service account description in ZenML.", max_length=MAX_DESCRIPTION)
     ] = ""
     active: Annotated[
         bool,
@@ -230,9 +231,9 @@ class ApiKeyStatus(_Model):
     secret_name: str | None = None
     # When the value now in the Secret was issued by ZenML (create or rotate).
     issued_at: str | None = None
-    state: Annotated[
-        str, Field(description="Ready, SecretConflict, Pending or Deactivated.")
-    ] = "Pending"
+    state: Annotated[str, Field(description="Ready, SecretConflict, Pending or Deactivated.")] = (
+        "Pending"
+    )
 
 
 class ServiceAccountStatus(_Model):
@@ -252,8 +253,12 @@ class ServiceAccountStatus(_Model):
     api_keys: list[ApiKeyStatus] = []
     conditions: Annotated[
         list[Condition],
-        Field(json_schema_extra={"x-kubernetes-list-type": "map",
-                                 "x-kubernetes-list-map-keys": ["type"]}),
+        Field(
+            json_schema_extra={
+                "x-kubernetes-list-type": "map",
+                "x-kubernetes-list-map-keys": ["type"],
+            }
+        ),
     ] = []
 
 

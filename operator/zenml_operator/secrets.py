@@ -173,8 +173,10 @@ def metadata_patch(
         changes[old_value_key] = None
     if data.get(template.keys.url) != b64(zenml_url):
         changes[template.keys.url] = b64(zenml_url)
-    if old_url_key and old_url_key not in (template.keys.url, template.keys.api_key) and (
-        old_url_key in data
+    if (
+        old_url_key
+        and old_url_key not in (template.keys.url, template.keys.api_key)
+        and (old_url_key in data)
     ):
         changes[old_url_key] = None
     if changes:
@@ -183,8 +185,14 @@ def metadata_patch(
 
 
 def value_patch(
-    *, secret: Mapping[str, Any], owner: Mapping[str, Any], key: ApiKeySpec, zenml_url: str,
-    key_id: str, key_value: str, issued_at: str,
+    *,
+    secret: Mapping[str, Any],
+    owner: Mapping[str, Any],
+    key: ApiKeySpec,
+    zenml_url: str,
+    key_id: str,
+    key_value: str,
+    issued_at: str,
     extra_annotations: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """A merge patch that puts a new key value into an existing (owned) Secret, in one write.

@@ -13,8 +13,9 @@ from zenml_operator.kube import KubeClient, KubeError
 
 
 class EventSink(Protocol):
-    def __call__(self, body: Mapping[str, Any], *, type: str, reason: str, message: str
-                 ) -> None: ...
+    def __call__(
+        self, body: Mapping[str, Any], *, type: str, reason: str, message: str
+    ) -> None: ...
 
 
 @dataclass
@@ -62,7 +63,8 @@ def classify(exc: BaseException) -> ReconcileProblem | None:
         )
     if isinstance(exc, zc.UnavailableError):
         return ReconcileProblem(
-            "ZenMLUnavailable", f"The ZenML server cannot be reached: {exc}; retrying.",
+            "ZenMLUnavailable",
+            f"The ZenML server cannot be reached: {exc}; retrying.",
             retry=True,
         )
     if isinstance(exc, zc.ForbiddenError):
@@ -80,8 +82,7 @@ def classify(exc: BaseException) -> ReconcileProblem | None:
     return None
 
 
-def status_patch(current: Mapping[str, Any] | None, desired: Mapping[str, Any]
-                 ) -> dict[str, Any]:
+def status_patch(current: Mapping[str, Any] | None, desired: Mapping[str, Any]) -> dict[str, Any]:
     """Only the top-level status fields that differ; None removes a field.
 
     An empty result means the reconcile writes nothing at all.

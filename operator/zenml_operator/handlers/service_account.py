@@ -126,22 +126,29 @@ class ServiceAccountReconciler:
                     raise
             else:
                 recreated = " (it was deleted in ZenML)" if self.status.get("accountId") else ""
-                self.event("Normal", "AccountCreated",
-                           f"Created ZenML service account {account_name!r}{recreated}")
+                self.event(
+                    "Normal",
+                    "AccountCreated",
+                    f"Created ZenML service account {account_name!r}{recreated}",
+                )
             return account
         if account.description != spec.description or account.active != spec.active:
             account = await self.deps.zenml.update_service_account(
                 account.id, description=spec.description, active=spec.active
             )
-            self.event("Normal", "AccountUpdated",
-                       f"Updated ZenML service account {account_name!r}"
-                       f" (active={spec.active})")
+            self.event(
+                "Normal",
+                "AccountUpdated",
+                f"Updated ZenML service account {account_name!r} (active={spec.active})",
+            )
         return account
 
     # --- keys ----------------------------------------------------------------------
 
     async def ensure_key(
-        self, account: zc.ServiceAccountInfo, key: ApiKeySpec,
+        self,
+        account: zc.ServiceAccountInfo,
+        key: ApiKeySpec,
         existing: zc.ApiKeyInfo | None,
     ) -> dict[str, Any]:
         secret_name = key.secret_name_for(self.name)
@@ -166,8 +173,11 @@ class ServiceAccountReconciler:
                 existing = await self.deps.zenml.get_api_key(account.id, key.name)
             else:
                 issued_at = await self.write_value(key, secret, secret_name, issued)
-                self.event("Normal", "ApiKeyCreated",
-                           f"Created API key {key.name!r} into Secret {secret_name!r}")
+                self.event(
+                    "Normal",
+                    "ApiKeyCreated",
+                    f"Created API key {key.name!r} into Secret {secret_name!r}",
+                )
                 existing = issued.info
         if existing.description != key.description or existing.active != key.active:
             existing = await self.deps.zenml.update_api_key(
@@ -183,17 +193,20 @@ class ServiceAccountReconciler:
                 issued_at = await self.write_value(key, secret, secret_name, issued)
                 what = "was missing" if secret is None else "did not hold the current key"
                 self.event(
-                    "Warning", "ApiKeyReissued",
+                    "Warning",
+                    "ApiKeyReissued",
                     f"Secret {secret_name!r} {what}; ZenML cannot show an existing key's value"
                     f" again, so API key {key.name!r} was rotated and the new value written",
                 )
             else:
                 issued_at = (secret["metadata"].get("annotations") or {}).get(sec.ANN_ISSUED_AT)
-                patch = sec.metadata_patch(secret=secret, owner=self.body, key=key,
-                                           zenml_url=self.deps.secret_url)
+                patch = sec.metadata_patch(
+                    secret=secret, owner=self.body, key=key, zenml_url=self.deps.secret_url
+                )
                 if patch is not None:
-                    patch.setdefault("metadata", {})["resourceVersion"] = (
-                        secret["metadata"]["resourceVersion"])
+                    patch.setdefault("metadata", {})["resourceVersion"] = secret["metadata"][
+                        "resourceVersion"
+                    ]
                     await self.deps.kube.patch_secret(self.namespace, secret_name, patch)
         entry.update(
             id=existing.id,
@@ -203,22 +216,36 @@ class ServiceAccountReconciler:
         )
         return entry
 
-    async def write_value(self, key: ApiKeySpec, secret: Mapping[str, Any] | None,
-                          secret_name: str, issued: zc.IssuedApiKey) -> str:
+    async def write_value(
+        self,
+        key: ApiKeySpec,
+        secret: Mapping[str, Any] | None,
+        secret_name: str,
+        issued: zc.IssuedApiKey,
+    ) -> str:
         """Put a freshly issued value into the Secret in one write; returns the issue time."""
         issued_at = now_iso()
         if secret is None:
             body = sec.new_secret(
-                owner=self.body, key=key, secret_name=secret_name,
-                zenml_url=self.deps.secret_url, key_id=issued.info.id,
-                key_value=issued.value.reveal(), issued_at=issued_at,
+                owner=self.body,
+                key=key,
+                secret_name=secret_name,
+                zenml_url=self.deps.secret_url,
+                key_id=issued.info.id,
+                key_value=issued.value.reveal(),
+                issued_at=issued_at,
             )
             await self.deps.kube.create_secret(self.namespace, body)
             return issued_at
         for _ in range(3):
             patch = sec.value_patch(
-                secret=secret, owner=self.body, key=key, zenml_url=self.deps.secret_url,
-                key_id=issued.info.id, key_value=issued.value.reveal(), issued_at=issued_at,
+                secret=secret,
+                owner=self.body,
+                key=key,
+                zenml_url=self.deps.secret_url,
+                key_id=issued.info.id,
+                key_value=issued.value.reveal(),
+                issued_at=issued_at,
             )
             try:
                 await self.deps.kube.patch_secret(self.namespace, secret_name, patch)
@@ -228,13 +255,16 @@ class ServiceAccountReconciler:
                 if secret is None or not sec.is_owned_by(secret, self.uid):
                     raise ReconcileProblem(
                         "SecretConflict",
-                        f"Secret {secret_name!r} changed hands while a key was written;"
-                        " retrying.", retry=True) from None
-        raise ReconcileProblem("KubernetesError",
-                               f"Secret {secret_name!r} kept changing; retrying.", retry=True)
+                        f"Secret {secret_name!r} changed hands while a key was written; retrying.",
+                        retry=True,
+                    ) from None
+        raise ReconcileProblem(
+            "KubernetesError", f"Secret {secret_name!r} kept changing; retrying.", retry=True
+        )
 
-    async def remove_key(self, account: zc.ServiceAccountInfo | None,
-                         entry: Mapping[str, Any]) -> None:
+    async def remove_key(
+        self, account: zc.ServiceAccountInfo | None, entry: Mapping[str, Any]
+    ) -> None:
         """A key removed from the spec: delete it in ZenML and its Secret (if ours)."""
         if account is not None and entry.get("id"):
             with contextlib.suppress(zc.NotFoundError):
@@ -244,32 +274,32 @@ class ServiceAccountReconciler:
             secret = await self.deps.kube.get_secret(self.namespace, secret_name)
             if secret is not None and sec.is_owned_by(secret, self.uid):
                 await self.deps.kube.delete_secret(
-                    self.namespace, secret_name, uid=secret["metadata"].get("uid"))
-        self.event("Normal", "ApiKeyDeleted",
-                   f"Deleted API key {entry.get('name')!r} and Secret {secret_name!r}")
+                    self.namespace, secret_name, uid=secret["metadata"].get("uid")
+                )
+        self.event(
+            "Normal",
+            "ApiKeyDeleted",
+            f"Deleted API key {entry.get('name')!r} and Secret {secret_name!r}",
+        )
 
     # --- the whole run ----------------------------------------------------------------
 
     async def run(self) -> dict[str, Any]:
         """Converge and return the desired status (the caller writes only what differs)."""
-        status: dict[str, Any] = {
-            k: v for k, v in self.status.items() if k not in ("kopf",)
-        }
+        status: dict[str, Any] = {k: v for k, v in self.status.items() if k not in ("kopf",)}
         status["observedGeneration"] = self.generation
         status["zenmlUrl"] = self.deps.secret_url
         try:
             spec = parse_spec(self.body)
             account = await self.ensure_account(spec)
-            status.update(accountId=account.id, accountName=account.name,
-                          active=account.active)
+            status.update(accountId=account.id, accountName=account.name, active=account.active)
             status.pop("createRequestedAt", None)
             self.status.pop("createRequestedAt", None)
             existing = {k.name: k for k in await self.deps.zenml.list_api_keys(account.id)}
             declared = {k.name for k in spec.api_keys}
             previous = {e["name"]: e for e in self.status.get("apiKeys") or []}
             entries = [
-                await self.ensure_key(account, key, existing.get(key.name))
-                for key in spec.api_keys
+                await self.ensure_key(account, key, existing.get(key.name)) for key in spec.api_keys
             ]
             for name, entry in previous.items():
                 if name not in declared:
@@ -279,15 +309,21 @@ class ServiceAccountReconciler:
             if problem is None:
                 raise
             status["conditions"] = set_condition(
-                self.status.get("conditions"), type="Ready", status=False,
-                reason=problem.reason, message=problem.message, generation=self.generation)
+                self.status.get("conditions"),
+                type="Ready",
+                status=False,
+                reason=problem.reason,
+                message=problem.message,
+                generation=self.generation,
+            )
             if "createRequestedAt" in self.status:
                 status["createRequestedAt"] = self.status["createRequestedAt"]
             raise ReconcileFailed(status, problem) from exc
 
         conflicts = [e for e in entries if e.get("state") == "SecretConflict"]
-        status["apiKeys"] = [{k: v for k, v in e.items() if k != "message" and v is not None}
-                             for e in entries]
+        status["apiKeys"] = [
+            {k: v for k, v in e.items() if k != "message" and v is not None} for e in entries
+        ]
         status["readyKeys"] = sum(1 for e in entries if e["state"] in ("Ready", "Deactivated"))
         if conflicts:
             reason, ok = "SecretConflict", False
@@ -297,11 +333,17 @@ class ServiceAccountReconciler:
             message = f"ZenML service account {account.name!r} is deactivated (spec.active)."
         else:
             reason, ok = "Reconciled", True
-            message = (f"ZenML service account {account.name!r} and {len(entries)} API key(s)"
-                       " are in sync.")
+            message = (
+                f"ZenML service account {account.name!r} and {len(entries)} API key(s) are in sync."
+            )
         status["conditions"] = set_condition(
-            self.status.get("conditions"), type="Ready", status=ok, reason=reason,
-            message=message, generation=self.generation)
+            self.status.get("conditions"),
+            type="Ready",
+            status=ok,
+            reason=reason,
+            message=message,
+            generation=self.generation,
+        )
         return status
 
 
@@ -337,17 +379,22 @@ async def finalize(body: Mapping[str, Any], deps: Deps) -> None:
         except zc.ForbiddenError:
             await deps.zenml.update_service_account(account.id, active=False)
             rec.event(
-                "Warning", "DeleteFellBackToDeactivate",
+                "Warning",
+                "DeleteFellBackToDeactivate",
                 f"ZenML refused to delete service account {account.name!r} (it owns resources);"
                 " it was deactivated instead, which disables all of its keys.",
             )
     elif account is not None and policy == "Deactivate" and account.active:
         await deps.zenml.update_service_account(account.id, active=False)
-        rec.event("Normal", "AccountDeactivated",
-                  f"Deactivated ZenML service account {account.name!r}")
+        rec.event(
+            "Normal", "AccountDeactivated", f"Deactivated ZenML service account {account.name!r}"
+        )
     elif account is not None:
-        rec.event("Normal", "AccountRetained",
-                  f"Left ZenML service account {account.name!r} as it is (Retain)")
+        rec.event(
+            "Normal",
+            "AccountRetained",
+            f"Left ZenML service account {account.name!r} as it is (Retain)",
+        )
     # Owner references let a real cluster collect the Secrets; delete them now anyway so
     # that no key value outlives its resource (and so emulated clusters behave the same).
     names = {e.get("secretName") for e in rec.status.get("apiKeys") or []}
