@@ -12,6 +12,9 @@ class OperatorConfig:
     # The operator's own ZenML credential: what the ZenML docs prescribe for automation.
     zenml_url: str
     zenml_api_key: Callable[[], str] = field(repr=False)
+    # Set on ZenML OSS, where only admin *users* may manage service accounts: then
+    # `zenml_api_key` yields that user's password (see README, "Credentials").
+    zenml_username: str | None = None
     # The URL written into Secrets, when pods reach ZenML by another address than the operator.
     secret_zenml_url: str | None = None
     namespaces: tuple[str, ...] = ()  # empty: all namespaces
@@ -48,11 +51,19 @@ def config_from_env(namespaces: tuple[str, ...] = ()) -> OperatorConfig:
             "ZENML_STORE_URL must be set to the ZenML server URL (http:// or https://),"
             f" got {url!r}"
         )
-    key = api_key_from_env()
-    provider = key if callable(key) else (lambda: key)
+    username = os.environ.get("ZENML_STORE_USERNAME") or None
+    if username:
+        password = os.environ.get("ZENML_STORE_PASSWORD", "")
+        if not password:
+            raise ValueError("ZENML_STORE_USERNAME is set but ZENML_STORE_PASSWORD is empty")
+        provider: Callable[[], str] = lambda: password  # noqa: E731
+    else:
+        key = api_key_from_env()
+        provider = key if callable(key) else (lambda: key)
     return OperatorConfig(
         zenml_url=url.rstrip("/"),
         zenml_api_key=provider,
+        zenml_username=username,
         secret_zenml_url=os.environ.get("ZENML_OPERATOR_SECRET_URL") or None,
         namespaces=namespaces,
         resync_seconds=_env_float("ZENML_OPERATOR_RESYNC_SECONDS", 600.0),

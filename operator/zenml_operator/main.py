@@ -60,6 +60,7 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
             config.zenml_api_key,
             timeout=config.zenml_timeout,
             max_retries=config.zenml_retries,
+            username=config.zenml_username,
             max_connections=config.zenml_max_connections,
         )
         try:
