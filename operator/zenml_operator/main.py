@@ -52,6 +52,10 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         )
         settings.persistence.finalizer = FINALIZER
         settings.posting.level = logging.INFO
+        # A resync in flight when the resource is deleted must not hold the finalizer for
+        # Kopf's default 60 s polling period.
+        settings.background.instant_exit_timeout = 0.5
+        settings.background.cancellation_polling = 1.0
         settings.watching.server_timeout = 600
         settings.watching.client_timeout = 660
         memo.config = config

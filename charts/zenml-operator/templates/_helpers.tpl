@@ -1,0 +1,106 @@
+{{/* Chart name, truncated to the 63 characters of a DNS label. */}}
+{{- define "zenml-operator.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Fully qualified app name: the release name, unless it already contains the chart name. */}}
+{{- define "zenml-operator.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "zenml-operator.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "zenml-operator.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "zenml-operator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "zenml-operator.labels" -}}
+helm.sh/chart: {{ include "zenml-operator.chart" . }}
+{{ include "zenml-operator.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Values.image.tag | default .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{- define "zenml-operator.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "zenml-operator.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* True ("true") when the operator runs as several replicas coordinated by Kopf peering. */}}
+{{- define "zenml-operator.peering" -}}
+{{- if gt (int .Values.replicaCount) 1 }}true{{ end }}
+{{- end }}
+
+{{- define "zenml-operator.peeringName" -}}
+{{- default (include "zenml-operator.fullname" .) .Values.peering.name }}
+{{- end }}
+
+{{/* Checks the combinations that the values schema cannot express well; fails the render. */}}
+{{- define "zenml-operator.validate" -}}
+{{- if not .Values.zenml.url }}
+{{- fail "zenml.url is required: the ZenML server URL (http:// or https://)" }}
+{{- end }}
+{{- if not .Values.zenml.existingSecret.name }}
+{{- fail "zenml.existingSecret.name is required: a Secret in the release namespace holding the operator's ZenML credential" }}
+{{- end }}
+{{- if and (eq .Values.rbac.scope "namespaced") (empty .Values.watchNamespaces) }}
+{{- fail "rbac.scope=namespaced needs watchNamespaces: Roles cannot grant access to all namespaces" }}
+{{- end }}
+{{- if eq (int .Values.livenessPort) (int .Values.metrics.port) }}
+{{- fail "livenessPort and metrics.port must differ" }}
+{{- end }}
+{{- end }}
+
+{{/*
+The operator's RBAC rules, shared by the ClusterRole (scope=cluster) and the per-namespace
+Roles (scope=namespaced). Each rule names the code that needs it; tests/chart/test_chart.py
+holds the same table and fails when either side changes alone.
+*/}}
+{{- define "zenml-operator.rules" -}}
+# Kopf watches the custom resources (list, watch) and patches them for its finalizer and
+# its annotations (progress, last-handled-configuration); the operator re-reads one before
+# acting (kube.KubeClient.get_object in main.py).
+- apiGroups: ["zenml.io"]
+  resources: ["serviceaccounts", "apikeyrotations"]
+  verbs: ["get", "list", "watch", "patch"]
+# kube.KubeClient.patch_status: status is written by the operator (intent records, Ready).
+- apiGroups: ["zenml.io"]
+  resources: ["serviceaccounts/status", "apikeyrotations/status"]
+  verbs: ["patch"]
+# kube.KubeClient.{get,create,patch,delete}_secret: the Secrets holding the issued keys.
+# No list/watch: the operator only touches Secrets it names.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get", "create", "patch", "delete"]
+# kopf.event() and Kopf's own log posting (settings.posting): core v1 Events.
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create"]
+# ApiKeyRotation rolloutRestartTargets: read the workload, patch its pod template annotation.
+- apiGroups: ["apps"]
+  resources: ["deployments", "statefulsets", "daemonsets"]
+  verbs: ["get", "patch"]
+{{- end }}
+
+{{/* Kopf peering (replicaCount > 1): watch the peering object and patch our heartbeat in. */}}
+{{- define "zenml-operator.peeringRule" -}}
+- apiGroups: ["kopf.dev"]
+  resources: [{{ .resource | quote }}]
+  verbs: ["list", "watch", "patch"]
+{{- end }}
