@@ -30,6 +30,7 @@ test: $(VENV)/.installed $(ZENML_VENV)/.installed
 
 crds: $(VENV)/.installed
 	$(VENV)/bin/zenml-operator crds
+	$(VENV)/bin/zenml-operator crds --output charts/zenml-operator/crds
 
 clean:
 	rm -rf $(VENV) $(ZENML_VENV) .zenml-demo .pytest_cache

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import random
 import sys
 from pathlib import Path
 
@@ -38,6 +39,9 @@ def _run(args: argparse.Namespace) -> int:
             liveness_endpoint=liveness,
             standalone=not args.peering,
             peering_name=args.peering or None,
+            # Equal priorities make Kopf pause every replica; a random one elects a leader,
+            # and the others stand by until it stops.
+            priority=random.randint(1, 1_000_000) if args.peering else 0,
         )
     )
     return 0

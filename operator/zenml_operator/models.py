@@ -262,6 +262,98 @@ class ServiceAccountStatus(_Model):
     ] = []
 
 
+# Go-style duration as Kubernetes CEL's duration() parses it; hours, minutes, seconds.
+DURATION = r"^([0-9]{1,6}(\.[0-9]+)?(h|m|s))+$"
+ROTATE_ANNOTATION = "zenml.io/rotate"
+
+
+class WorkloadRef(_Model):
+    """A workload that reads the key's Secret and is restarted after each rotation."""
+
+    kind: Annotated[
+        Literal["Deployment", "StatefulSet", "DaemonSet"],
+        Field(description="Deployment, StatefulSet or DaemonSet (apps/v1)."),
+    ]
+    name: Annotated[
+        str,
+        Field(description="Name, in the rotation's namespace.", pattern=DNS_SUBDOMAIN,
+              min_length=1, max_length=253),
+    ]
+
+
+class ApiKeyRotationSpec(_Model):
+    """Rotates one API key of a ServiceAccount in the same namespace."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "duration(self.period) > duration(string(self.retainPeriodMinutes) + 'm')",
+                    "period must be longer than retainPeriodMinutes: ZenML keeps one previous"
+                    " key, so a rotation inside the retention window would cut off the key"
+                    " that workloads still hold",
+                ),
+                cel("duration(self.period) >= duration('5m')", "period must be at least 5m"),
+                cel("duration(self.period) <= duration('87600h')",
+                    "period must be at most 87600h (10 years)"),
+            ]
+        }
+    )
+
+    service_account_name: Annotated[
+        str,
+        Field(description="Name of the ServiceAccount resource (zenml.io) in this namespace.",
+              pattern=DNS_SUBDOMAIN, min_length=1, max_length=253),
+    ]
+    api_key_name: Annotated[
+        str,
+        Field(description="Name of the key in that ServiceAccount's spec.apiKeys.",
+              pattern=DNS_LABEL, min_length=1, max_length=63),
+    ]
+    period: Annotated[
+        str,
+        Field(description="Time between rotations, e.g. 720h or 90m (hours, minutes, seconds).",
+              pattern=DURATION, max_length=32),
+    ] = "720h"
+    retain_period_minutes: Annotated[
+        int,
+        Field(description=(
+            "Minutes the previous key keeps working after a rotation, so that restarted"
+            " workloads can roll out; then it is deleted and gets 401. Must cover the rollout."
+        ), ge=0, le=525600),
+    ] = 60
+    rollout_restart_targets: Annotated[
+        list[WorkloadRef],
+        Field(description="Workloads restarted once after each rotation (as kubectl rollout"
+              " restart does).", max_length=32),
+    ] = []
+    suspend: Annotated[
+        bool,
+        Field(description="true pauses scheduled and on-demand rotations."),
+    ] = False
+
+
+class ApiKeyRotationStatus(_Model):
+    """Observed state of an ApiKeyRotation."""
+
+    model_config = ConfigDict(extra="allow")
+
+    observed_generation: int | None = None
+    current_key_id: str | None = None
+    previous_key_id: str | None = None
+    last_rotation_time: str | None = None
+    next_rotation_time: str | None = None
+    previous_key_valid_until: str | None = None
+    rotation_count: int | None = None
+    # The value of the zenml.io/rotate annotation that was last acted on (fires once).
+    last_rotate_request: str | None = None
+    conditions: Annotated[
+        list[Condition],
+        Field(json_schema_extra={"x-kubernetes-list-type": "map",
+                                 "x-kubernetes-list-map-keys": ["type"]}),
+    ] = []
+
+
 def dump(model: BaseModel) -> dict[str, Any]:
     """The wire form of a model (camelCase, no nulls)."""
     return model.model_dump(by_alias=True, exclude_none=True, mode="json")
