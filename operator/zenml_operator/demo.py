@@ -25,7 +25,9 @@ import logging
 import os
 import re
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
@@ -775,6 +777,43 @@ def _quiet_logs(verbose: bool) -> Callable[[], None]:
     return restore
 
 
+async def _start_server(start: Callable[..., Any], data_dir: Path, python: str) -> Any:
+    """Start ZenML off the event loop (a subprocess and a blocking readiness poll).
+
+    A thread cannot be interrupted: on Ctrl+C during the start, wait for it to finish and stop
+    the server it started, or it would outlive the demo.
+    """
+    starting = asyncio.ensure_future(asyncio.to_thread(start, data_dir, python=python))
+    try:
+        return await asyncio.shield(starting)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            (await starting).stop()
+        raise
+
+
+def _sigterm_like_ctrl_c() -> Callable[[], None]:
+    """Make SIGTERM (`kill`, `timeout`, CI) clean up like Ctrl+C instead of killing Python.
+
+    Python dies on SIGTERM without running `finally`, which would orphan the ZenML server.
+    asyncio.run's own SIGINT handler cancels the main task; SIGTERM is routed to it.
+    (The Kopf runner saves and restores Python-level handlers, so this one survives it.)
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler):
+            handler(signal.SIGINT, frame)
+        else:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
 def _hold_until_interrupted(
     zenml_url: str, data_dir: Path, say: Say
 ) -> Callable[[DemoCluster], Awaitable[None]]:
@@ -813,6 +852,7 @@ async def run_demo(*, keep_running: bool, workdir: Path, verbose: bool = False) 
 
     say: Say = lambda text: print(text, flush=True)  # noqa: E731
     restore_logs = _quiet_logs(verbose)
+    restore_sigterm = _sigterm_like_ctrl_c()
     started = time.monotonic()
     server = None
     try:
@@ -824,8 +864,7 @@ async def run_demo(*, keep_running: bool, workdir: Path, verbose: bool = False) 
         say(f"[1/6] Starting the ZenML server (fresh data in {data_dir}) ...")
         step = time.monotonic()
         _fresh_data_dir(data_dir)
-        # Blocking start (a subprocess and a readiness poll): off the event loop.
-        server = await asyncio.to_thread(start_zenml_server, data_dir, python=zenml_python)
+        server = await _start_server(start_zenml_server, data_dir, zenml_python)
         server_start = time.monotonic() - step
         say(f"      ready at {server.url} ({server_start:.1f} s)")
 
@@ -861,6 +900,7 @@ async def run_demo(*, keep_running: bool, workdir: Path, verbose: bool = False) 
         if server is not None:
             await asyncio.to_thread(server.stop)
         restore_logs()
+        restore_sigterm()
     total = time.monotonic() - started
 
     timings = {

@@ -276,8 +276,12 @@ class WorkloadRef(_Model):
     ]
     name: Annotated[
         str,
-        Field(description="Name, in the rotation's namespace.", pattern=DNS_SUBDOMAIN,
-              min_length=1, max_length=253),
+        Field(
+            description="Name, in the rotation's namespace.",
+            pattern=DNS_SUBDOMAIN,
+            min_length=1,
+            max_length=253,
+        ),
     ]
 
 
@@ -294,38 +298,58 @@ class ApiKeyRotationSpec(_Model):
                     " that workloads still hold",
                 ),
                 cel("duration(self.period) >= duration('5m')", "period must be at least 5m"),
-                cel("duration(self.period) <= duration('87600h')",
-                    "period must be at most 87600h (10 years)"),
+                cel(
+                    "duration(self.period) <= duration('87600h')",
+                    "period must be at most 87600h (10 years)",
+                ),
             ]
         }
     )
 
     service_account_name: Annotated[
         str,
-        Field(description="Name of the ServiceAccount resource (zenml.io) in this namespace.",
-              pattern=DNS_SUBDOMAIN, min_length=1, max_length=253),
+        Field(
+            description="Name of the ServiceAccount resource (zenml.io) in this namespace.",
+            pattern=DNS_SUBDOMAIN,
+            min_length=1,
+            max_length=253,
+        ),
     ]
     api_key_name: Annotated[
         str,
-        Field(description="Name of the key in that ServiceAccount's spec.apiKeys.",
-              pattern=DNS_LABEL, min_length=1, max_length=63),
+        Field(
+            description="Name of the key in that ServiceAccount's spec.apiKeys.",
+            pattern=DNS_LABEL,
+            min_length=1,
+            max_length=63,
+        ),
     ]
     period: Annotated[
         str,
-        Field(description="Time between rotations, e.g. 720h or 90m (hours, minutes, seconds).",
-              pattern=DURATION, max_length=32),
+        Field(
+            description="Time between rotations, e.g. 720h or 90m (hours, minutes, seconds).",
+            pattern=DURATION,
+            max_length=32,
+        ),
     ] = "720h"
     retain_period_minutes: Annotated[
         int,
-        Field(description=(
-            "Minutes the previous key keeps working after a rotation, so that restarted"
-            " workloads can roll out; then it is deleted and gets 401. Must cover the rollout."
-        ), ge=0, le=525600),
+        Field(
+            description=(
+                "Minutes the previous key keeps working after a rotation, so that restarted"
+                " workloads can roll out; then it is deleted and gets 401. Must cover the rollout."
+            ),
+            ge=0,
+            le=525600,
+        ),
     ] = 60
     rollout_restart_targets: Annotated[
         list[WorkloadRef],
-        Field(description="Workloads restarted once after each rotation (as kubectl rollout"
-              " restart does).", max_length=32),
+        Field(
+            description="Workloads restarted once after each rotation (as kubectl rollout"
+            " restart does).",
+            max_length=32,
+        ),
     ] = []
     suspend: Annotated[
         bool,
@@ -349,8 +373,12 @@ class ApiKeyRotationStatus(_Model):
     last_rotate_request: str | None = None
     conditions: Annotated[
         list[Condition],
-        Field(json_schema_extra={"x-kubernetes-list-type": "map",
-                                 "x-kubernetes-list-map-keys": ["type"]}),
+        Field(
+            json_schema_extra={
+                "x-kubernetes-list-type": "map",
+                "x-kubernetes-list-map-keys": ["type"],
+            }
+        ),
     ] = []
 
 

@@ -20,10 +20,18 @@ from typing import Any
 
 import pydantic
 
+from zenml_operator import keyfamily as kf
 from zenml_operator import secrets as sec
 from zenml_operator import zenml_client as zc
 from zenml_operator.conditions import now_iso, set_condition
-from zenml_operator.handlers.common import Deps, ReconcileProblem, classify, parse_time
+from zenml_operator.handlers.common import (
+    Deps,
+    ReconcileProblem,
+    classify,
+    parse_time,
+    secret_lock,
+    utcnow,
+)
 from zenml_operator.kube import KubeConflict
 from zenml_operator.models import API_VERSION, ApiKeySpec, ServiceAccountSpec
 
@@ -149,11 +157,23 @@ class ServiceAccountReconciler:
         self,
         account: zc.ServiceAccountInfo,
         key: ApiKeySpec,
-        existing: zc.ApiKeyInfo | None,
+        members: list[zc.ApiKeyInfo],
     ) -> dict[str, Any]:
         secret_name = key.secret_name_for(self.name)
+        # Rotations write the same Secret and create keys of the same family.
+        async with self.deps.lock_for(secret_lock(self.namespace, secret_name)):
+            return await self._ensure_key(account, key, members, secret_name)
+
+    async def _ensure_key(
+        self,
+        account: zc.ServiceAccountInfo,
+        key: ApiKeySpec,
+        members: list[zc.ApiKeyInfo],
+        secret_name: str,
+    ) -> dict[str, Any]:
         entry: dict[str, Any] = {"name": key.name, "secretName": secret_name}
         secret = await self.deps.kube.get_secret(self.namespace, secret_name)
+        existing = kf.current_key(members, secret)
         if secret is not None and not sec.is_owned_by(secret, self.uid):
             entry.update(state="SecretConflict", id=existing.id if existing else None)
             entry["message"] = (
@@ -183,6 +203,13 @@ class ServiceAccountReconciler:
             existing = await self.deps.zenml.update_api_key(
                 account.id, existing.id, description=key.description, active=key.active
             )
+        # Older generations: crash leftovers of a rotation, or a previous key whose
+        # retention (recorded in the Secret) is over. One still inside it is kept.
+        retention = kf.Retention.from_secret(secret)
+        for old in kf.retire(members, existing, retention, utcnow()):
+            with contextlib.suppress(zc.NotFoundError):
+                await self.deps.zenml.delete_api_key(account.id, old.id)
+            self.event("Normal", "ApiKeyRetired", f"Deleted old API key {old.name!r}")
         if issued_at is None:
             if secret is None or not sec.secret_holds_key(secret, existing.id):
                 # ZenML never shows a key's value again: the only way to fill the Secret is
@@ -263,12 +290,15 @@ class ServiceAccountReconciler:
         )
 
     async def remove_key(
-        self, account: zc.ServiceAccountInfo | None, entry: Mapping[str, Any]
+        self,
+        account: zc.ServiceAccountInfo,
+        entry: Mapping[str, Any],
+        members: list[zc.ApiKeyInfo],
     ) -> None:
-        """A key removed from the spec: delete it in ZenML and its Secret (if ours)."""
-        if account is not None and entry.get("id"):
+        """A key removed from the spec: delete it (all generations) and its Secret (if ours)."""
+        for member in members:
             with contextlib.suppress(zc.NotFoundError):
-                await self.deps.zenml.delete_api_key(account.id, entry["id"])
+                await self.deps.zenml.delete_api_key(account.id, member.id)
         secret_name = entry.get("secretName")
         if secret_name:
             secret = await self.deps.kube.get_secret(self.namespace, secret_name)
@@ -295,15 +325,16 @@ class ServiceAccountReconciler:
             status.update(accountId=account.id, accountName=account.name, active=account.active)
             status.pop("createRequestedAt", None)
             self.status.pop("createRequestedAt", None)
-            existing = {k.name: k for k in await self.deps.zenml.list_api_keys(account.id)}
+            all_keys = await self.deps.zenml.list_api_keys(account.id)
             declared = {k.name for k in spec.api_keys}
             previous = {e["name"]: e for e in self.status.get("apiKeys") or []}
             entries = [
-                await self.ensure_key(account, key, existing.get(key.name)) for key in spec.api_keys
+                await self.ensure_key(account, key, kf.family(all_keys, key.name))
+                for key in spec.api_keys
             ]
             for name, entry in previous.items():
                 if name not in declared:
-                    await self.remove_key(account, entry)
+                    await self.remove_key(account, entry, kf.family(all_keys, name))
         except Exception as exc:
             problem = classify(exc)
             if problem is None:

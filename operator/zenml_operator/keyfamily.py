@@ -1,0 +1,93 @@
+"""Which ZenML keys stand for one declared API key, and which of them may be deleted.
+
+Rotation uses two keys instead of ZenML's native rotate: the new value comes from a new
+ZenML key named `<name>.r<N>` (a dot cannot occur in a declared name, so the two never
+collide), the Secret switches to it in one write, and the previous key is deleted when its
+retention ends. A crash between the create and the Secret write leaves an unreferenced
+key that is simply deleted; the key that workloads hold is never touched early.
+
+The Secret is the record: its annotations name the current key and the previous one with
+the time it stays valid, so whoever reconciles next (rotation or ServiceAccount) reads
+the same truth.
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from zenml_operator.zenml_client import ApiKeyInfo
+
+ANN_PREVIOUS_KEY_ID = "zenml.io/previous-api-key-id"
+ANN_PREVIOUS_VALID_UNTIL = "zenml.io/previous-key-valid-until"
+ANN_KEY_ID = "zenml.io/api-key-id"
+
+_ROTATED = re.compile(r"^(?P<base>.+)\.r(?P<n>[0-9]+)$")
+
+
+def generation(name: str, base: str) -> int | None:
+    """0 for the base name, N for `<base>.rN`, None for another key."""
+    if name == base:
+        return 0
+    match = _ROTATED.match(name)
+    if match and match["base"] == base:
+        return int(match["n"])
+    return None
+
+
+def family(keys: Iterable[ApiKeyInfo], base: str) -> list[ApiKeyInfo]:
+    """The ZenML keys of declared key `base`, oldest generation first."""
+    members = [k for k in keys if generation(k.name, base) is not None]
+    return sorted(members, key=lambda k: generation(k.name, base) or 0)
+
+
+def next_name(members: Iterable[ApiKeyInfo], base: str) -> str:
+    top = max((generation(k.name, base) or 0 for k in members), default=0)
+    return f"{base}.r{top + 1}"
+
+
+def annotations(secret: Mapping[str, Any] | None) -> Mapping[str, str]:
+    return ((secret or {}).get("metadata") or {}).get("annotations") or {}
+
+
+def current_key(members: list[ApiKeyInfo], secret: Mapping[str, Any] | None) -> ApiKeyInfo | None:
+    """The key the Secret holds; without that evidence, the newest generation."""
+    by_id = {k.id: k for k in members}
+    held = annotations(secret).get(ANN_KEY_ID)
+    if held in by_id:
+        return by_id[held]
+    return members[-1] if members else None
+
+
+@dataclass(frozen=True)
+class Retention:
+    """The previous key and until when it must keep working (from the Secret)."""
+
+    key_id: str | None
+    valid_until: datetime.datetime | None
+
+    @classmethod
+    def from_secret(cls, secret: Mapping[str, Any] | None) -> Retention:
+        ann = annotations(secret)
+        until = ann.get(ANN_PREVIOUS_VALID_UNTIL)
+        parsed = None
+        if until:
+            parsed = datetime.datetime.fromisoformat(until.replace("Z", "+00:00"))
+        return cls(ann.get(ANN_PREVIOUS_KEY_ID) or None, parsed)
+
+    def protects(self, key_id: str, now: datetime.datetime) -> bool:
+        return self.key_id == key_id and self.valid_until is not None and now < self.valid_until
+
+
+def retire(
+    members: list[ApiKeyInfo],
+    current: ApiKeyInfo | None,
+    retention: Retention,
+    now: datetime.datetime,
+) -> list[ApiKeyInfo]:
+    """Keys to delete: every member but the current one and a still-protected previous one."""
+    keep = {current.id} if current else set()
+    return [k for k in members if k.id not in keep and not retention.protects(k.id, now)]
