@@ -108,6 +108,8 @@ class DemoReport:
 
 
 class _Timer:
+    """Records how long a step took into `report.timings` (printed at the end)."""
+
     def __init__(self, report: DemoReport, name: str) -> None:
         self.report, self.name = report, name
 
@@ -117,10 +119,6 @@ class _Timer:
 
     def __exit__(self, *_: object) -> None:
         self.report.timings[self.name] = time.monotonic() - self.start
-
-    @property
-    def elapsed(self) -> float:
-        return time.monotonic() - self.start
 
 
 def _ok(flag: bool) -> str:

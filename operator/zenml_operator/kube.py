@@ -170,6 +170,15 @@ class KubeClient:
         except KubeNotFound:
             return None
 
+    async def list_objects(
+        self, api_version: str, plural: str, namespace: str
+    ) -> list[dict[str, Any]]:
+        prefix = "/api" if "/" not in api_version else "/apis"
+        result = await self._request(
+            "GET", f"{prefix}/{api_version}/namespaces/{namespace}/{plural}"
+        )
+        return list(result.get("items") or [])
+
     async def patch_object(
         self, api_version: str, plural: str, namespace: str, name: str, patch: Mapping[str, Any]
     ) -> dict[str, Any]:

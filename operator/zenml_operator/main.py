@@ -6,6 +6,7 @@ configuration and tests can run several operators (or restart one) in one proces
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -13,6 +14,7 @@ import kopf
 
 from zenml_operator import zenml_client as zc
 from zenml_operator.config import OperatorConfig
+from zenml_operator.handlers import rotation as rot
 from zenml_operator.handlers import service_account as sa
 from zenml_operator.handlers.common import Deps, classify, status_patch
 from zenml_operator.kube import KubeClient
@@ -35,6 +37,20 @@ def _deps(memo: Any) -> Deps:
             events=_post_event,
         )
     return memo.deps
+
+
+async def sleep_until(stopped: kopf.DaemonStopped, wakeup: asyncio.Event, seconds: float) -> None:
+    """Sleep `seconds`, or less if the daemon is stopped or woken up."""
+    waiters = {
+        asyncio.ensure_future(stopped.wait()),  # type: ignore[arg-type]
+        asyncio.ensure_future(wakeup.wait()),
+    }
+    try:
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+    wakeup.clear()
 
 
 def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
@@ -130,6 +146,60 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         if problem.retry:
             raise kopf.TemporaryError(problem.message, delay=config.retry_delay)
         logger.warning(f"{problem.reason}: {problem.message}")
+
+    async def rotate_once(body: kopf.Body, deps: Deps, logger: logging.Logger) -> float:
+        """One look at a rotation; returns how many seconds until it needs the next one."""
+        meta = body.metadata
+        async with deps.lock_for(meta.uid):
+            fresh = await deps.kube.get_object(API_VERSION, rot.PLURAL, meta.namespace, meta.name)
+            if fresh is None or fresh["metadata"].get("uid") != meta.uid:
+                return config.resync_seconds
+            if fresh["metadata"].get("deletionTimestamp"):
+                return config.resync_seconds
+            outcome = await rot.RotationReconciler(fresh, deps).run()
+            changes = status_patch(fresh.get("status"), outcome.status)
+            if changes:
+                await deps.kube.patch_status(
+                    API_VERSION, rot.PLURAL, meta.namespace, meta.name, changes
+                )
+        problem = outcome.problem
+        if problem is not None:
+            previous = (fresh.get("status") or {}).get("conditions") or []
+            if not any(c.get("reason") == problem.reason for c in previous):
+                kopf.event(fresh, type="Warning", reason=problem.reason, message=problem.message)
+                logger.warning(f"{problem.reason}: {problem.message}")
+            return config.retry_delay if problem.retry else config.resync_seconds
+        if outcome.wake_at is None:
+            return config.resync_seconds
+        seconds = (outcome.wake_at - rot.utcnow()).total_seconds()
+        return min(max(seconds, 0.05), config.resync_seconds)
+
+    rotation_resource = (GROUP, VERSION, rot.PLURAL)
+
+    # One sleeping daemon per rotation: it wakes at the next due time (a rotation or the
+    # end of a retention), on a spec/annotation change, or every resync interval.
+    @kopf.daemon(*rotation_resource, registry=registry, id="rotation", cancellation_timeout=5.0)
+    async def rotation_daemon(
+        body: kopf.Body, memo: Any, stopped: kopf.DaemonStopped, logger: logging.Logger, **_: Any
+    ) -> None:
+        deps = _deps(memo)
+        wakeup = deps.wakeup_for(body.metadata.uid)
+        while not stopped:
+            try:
+                delay = await rotate_once(body, deps, logger)
+            except Exception as exc:  # a bug or an unexpected API answer: log and go on
+                problem = classify(exc)
+                if problem is None:
+                    logger.exception("Rotation check failed unexpectedly; retrying")
+                else:
+                    logger.warning(f"{problem.reason}: {problem.message}")
+                delay = config.retry_delay
+            await sleep_until(stopped, wakeup, delay)
+        deps.forget(body.metadata.uid)
+
+    @kopf.on.update(*rotation_resource, registry=registry, id="wake")
+    async def rotation_changed(body: kopf.Body, memo: Any, **_: Any) -> None:
+        _deps(memo).wakeup_for(body.metadata.uid).set()
 
     sa_resource = (GROUP, VERSION, sa.PLURAL)
     for decorator in (kopf.on.create, kopf.on.update, kopf.on.resume):

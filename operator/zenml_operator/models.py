@@ -371,6 +371,8 @@ class ApiKeyRotationStatus(_Model):
     rotation_count: int | None = None
     # The value of the zenml.io/rotate annotation that was last acted on (fires once).
     last_rotate_request: str | None = None
+    # The key id the restart targets were last restarted for (each restart happens once).
+    restarted_for_key_id: str | None = None
     conditions: Annotated[
         list[Condition],
         Field(

@@ -27,6 +27,7 @@ class Deps:
     secret_url: str
     events: EventSink
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    wakeups: dict[str, asyncio.Event] = field(default_factory=dict)
 
     def lock_for(self, uid: str) -> asyncio.Lock:
         """Serialises the handlers and the resync timer of one object."""
@@ -34,6 +35,17 @@ class Deps:
         if lock is None:
             lock = self.locks[uid] = asyncio.Lock()
         return lock
+
+    def wakeup_for(self, uid: str) -> asyncio.Event:
+        """Set to make a sleeping rotation daemon look again now (spec/annotation changed)."""
+        event = self.wakeups.get(uid)
+        if event is None:
+            event = self.wakeups[uid] = asyncio.Event()
+        return event
+
+    def forget(self, uid: str) -> None:
+        self.locks.pop(uid, None)
+        self.wakeups.pop(uid, None)
 
 
 class ReconcileProblem(Exception):

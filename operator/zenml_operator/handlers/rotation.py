@@ -1,0 +1,451 @@
+"""Reconcile an ApiKeyRotation: rotate one key on schedule or on demand (no Kopf here).
+
+Design (see keyfamily.py): a rotation creates a NEW ZenML key of the declared key's family,
+switches the Secret to it in one write (value + key id + previous key id and the time it
+stays valid + rotation count + the on-demand request it answers), restarts the targets,
+and deletes the previous key when its retention ends. The Secret is the record, so every
+decision after a crash is taken from it:
+- crash after the create, before the Secret write: the new key is referenced by nothing
+  and is deleted; the Secret and the key workloads hold are untouched; the rotation
+  simply happens again;
+- crash after the Secret write: the rotation is done (count, time, request are in the
+  Secret); restarts still due are made once (each target records the key id it was
+  restarted for); nothing rotates twice.
+ZenML's native rotate is NOT used: the server keeps one previous key, so recovering a
+value lost in a crash would need a second rotate, which kills the key workloads hold.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pydantic
+
+from zenml_operator import keyfamily as kf
+from zenml_operator import secrets as sec
+from zenml_operator import zenml_client as zc
+from zenml_operator.conditions import set_condition
+from zenml_operator.crashpoints import crashpoint
+from zenml_operator.handlers.common import (
+    Deps,
+    ReconcileProblem,
+    classify,
+    secret_lock,
+    utcnow,
+)
+from zenml_operator.models import (
+    API_VERSION,
+    ROTATE_ANNOTATION,
+    ApiKeyRotationSpec,
+    ApiKeySpec,
+    ServiceAccountSpec,
+)
+
+PLURAL = "apikeyrotations"
+ANN_ROTATION_COUNT = "zenml.io/rotation-count"
+ANN_ROTATE_REQUEST = "zenml.io/rotate-request"
+ANN_RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"  # what `kubectl rollout restart` sets
+ANN_RESTARTED_FOR = "zenml.io/restarted-for-api-key-id"
+WORKLOAD_PLURALS = {
+    "Deployment": "deployments",
+    "StatefulSet": "statefulsets",
+    "DaemonSet": "daemonsets",
+}
+
+logger = logging.getLogger(__name__)
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(h|m|s)")
+
+
+def parse_duration(text: str) -> datetime.timedelta:
+    """Go-style durations as Kubernetes CEL reads them: 720h, 1h30m, 90s."""
+    parts = _DURATION_PART.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 720h, 90m, 45s)")
+    unit = {"h": 3600.0, "m": 60.0, "s": 1.0}
+    return datetime.timedelta(seconds=sum(float(n) * unit[u] for n, u in parts))
+
+
+def iso(moment: datetime.datetime) -> str:
+    return moment.astimezone(datetime.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def parse_iso(text: str | None) -> datetime.datetime | None:
+    if not text:
+        return None
+    value = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return value if value.tzinfo else value.replace(tzinfo=datetime.UTC)
+
+
+@dataclass
+class Outcome:
+    status: dict[str, Any]
+    wake_at: datetime.datetime | None  # when this rotation needs attention again
+    problem: ReconcileProblem | None = None
+
+
+class RotationReconciler:
+    def __init__(self, body: Mapping[str, Any], deps: Deps) -> None:
+        self.body = body
+        self.deps = deps
+        meta = body["metadata"]
+        self.name: str = meta["name"]
+        self.namespace: str = meta["namespace"]
+        self.generation: int | None = meta.get("generation")
+        self.status: dict[str, Any] = dict(body.get("status") or {})
+        self.request: str = ((meta.get("annotations") or {}).get(ROTATE_ANNOTATION) or "").strip()
+
+    def event(self, type: str, reason: str, message: str) -> None:
+        self.deps.events(self.body, type=type, reason=reason, message=message)
+
+    def conditions(
+        self, *, ready: tuple[bool, str, str], rotating: tuple[bool, str, str]
+    ) -> list[dict[str, Any]]:
+        conds = set_condition(
+            self.status.get("conditions"),
+            type="Ready",
+            status=ready[0],
+            reason=ready[1],
+            message=ready[2],
+            generation=self.generation,
+        )
+        return set_condition(
+            conds,
+            type="Rotating",
+            status=rotating[0],
+            reason=rotating[1],
+            message=rotating[2],
+            generation=self.generation,
+        )
+
+    # --- what the rotation points at ----------------------------------------------------
+
+    def parse_spec(self) -> tuple[ApiKeyRotationSpec, datetime.timedelta]:
+        try:
+            spec = ApiKeyRotationSpec.model_validate(dict(self.body.get("spec") or {}))
+            period = parse_duration(spec.period)
+        except (pydantic.ValidationError, ValueError) as exc:
+            detail = (
+                "; ".join(
+                    f"{'.'.join(map(str, e['loc'])) or 'spec'}: {e['msg']}" for e in exc.errors()
+                )
+                if isinstance(exc, pydantic.ValidationError)
+                else str(exc)
+            )
+            raise ReconcileProblem("InvalidSpec", f"spec is invalid: {detail}") from None
+        if period <= datetime.timedelta(minutes=spec.retain_period_minutes):
+            raise ReconcileProblem(
+                "InvalidSpec",
+                f"period {spec.period} must be longer than retainPeriodMinutes"
+                f" ({spec.retain_period_minutes}): ZenML keeps one previous key, and a rotation"
+                " inside the retention window would cut off the key workloads still hold.",
+            )
+        return spec, period
+
+    async def target(
+        self, spec: ApiKeyRotationSpec
+    ) -> tuple[Mapping[str, Any], ApiKeySpec, str, str]:
+        """(ServiceAccount object, key spec, account id, Secret name) or a problem."""
+        sa = await self.deps.kube.get_object(
+            API_VERSION, "serviceaccounts", self.namespace, spec.service_account_name
+        )
+        if sa is None:
+            raise ReconcileProblem(
+                "ServiceAccountNotFound",
+                f"ServiceAccount {spec.service_account_name!r} does not exist in namespace"
+                f" {self.namespace!r}; create it or fix spec.serviceAccountName.",
+                retry=True,
+            )
+        try:
+            sa_spec = ServiceAccountSpec.model_validate(dict(sa.get("spec") or {}))
+        except pydantic.ValidationError:
+            raise ReconcileProblem(
+                "ServiceAccountNotReady",
+                f"ServiceAccount {spec.service_account_name!r} has an invalid spec.",
+                retry=True,
+            ) from None
+        key = next((k for k in sa_spec.api_keys if k.name == spec.api_key_name), None)
+        if key is None:
+            names = ", ".join(k.name for k in sa_spec.api_keys) or "none"
+            raise ReconcileProblem(
+                "ApiKeyNotFound",
+                f"ServiceAccount {spec.service_account_name!r} declares no API key"
+                f" {spec.api_key_name!r} (it declares: {names}); fix spec.apiKeyName.",
+                retry=True,
+            )
+        sa_status = sa.get("status") or {}
+        entry = next((e for e in sa_status.get("apiKeys") or [] if e.get("name") == key.name), None)
+        if not sa_status.get("accountId") or not entry or entry.get("state") != "Ready":
+            raise ReconcileProblem(
+                "ServiceAccountNotReady",
+                f"API key {key.name!r} of ServiceAccount {spec.service_account_name!r} is not"
+                " Ready yet; rotation waits for it.",
+                retry=True,
+            )
+        return sa, key, sa_status["accountId"], key.secret_name_for(sa["metadata"]["name"])
+
+    async def check_unique(self, spec: ApiKeyRotationSpec) -> None:
+        """Two rotations of one key would rotate it twice: the oldest one wins."""
+        path_list = await self.deps.kube.list_objects(API_VERSION, PLURAL, self.namespace)
+        rivals = [
+            o
+            for o in path_list
+            if (o.get("spec") or {}).get("serviceAccountName") == spec.service_account_name
+            and (o.get("spec") or {}).get("apiKeyName") == spec.api_key_name
+        ]
+        rivals.sort(
+            key=lambda o: (o["metadata"].get("creationTimestamp") or "", o["metadata"]["name"])
+        )
+        if rivals and rivals[0]["metadata"]["name"] != self.name:
+            raise ReconcileProblem(
+                "DuplicateRotation",
+                f"ApiKeyRotation {rivals[0]['metadata']['name']!r} already rotates key"
+                f" {spec.api_key_name!r} of {spec.service_account_name!r}; delete one of them.",
+            )
+
+    # --- the run -------------------------------------------------------------------------
+
+    async def run(self, now: datetime.datetime | None = None) -> Outcome:
+        now = now or utcnow()
+        status: dict[str, Any] = {"observedGeneration": self.generation}
+        for keep in ("lastRotationTime", "rotationCount", "currentKeyId"):
+            if keep in self.status:
+                status[keep] = self.status[keep]
+        try:
+            spec, period = self.parse_spec()
+            await self.check_unique(spec)
+            sa, key, account_id, secret_name = await self.target(spec)
+            async with self.deps.lock_for(secret_lock(self.namespace, secret_name)):
+                return await self._run_locked(
+                    status, spec, period, sa, key, account_id, secret_name, now
+                )
+        except Exception as exc:
+            problem = classify(exc)
+            if problem is None:
+                raise
+            status["conditions"] = self.conditions(
+                ready=(False, problem.reason, problem.message),
+                rotating=(False, problem.reason, "No rotation can run: see Ready."),
+            )
+            return Outcome(status, None, problem)
+
+    async def _run_locked(
+        self,
+        status: dict[str, Any],
+        spec: ApiKeyRotationSpec,
+        period: datetime.timedelta,
+        sa: Mapping[str, Any],
+        key: ApiKeySpec,
+        account_id: str,
+        secret_name: str,
+        now: datetime.datetime,
+    ) -> Outcome:
+        secret = await self.deps.kube.get_secret(self.namespace, secret_name)
+        if secret is None or not sec.is_owned_by(secret, sa["metadata"]["uid"]):
+            raise ReconcileProblem(
+                "SecretNotReady",
+                f"Secret {secret_name!r} of key {key.name!r} is missing or not managed by"
+                f" ServiceAccount {spec.service_account_name!r}; waiting for it.",
+                retry=True,
+            )
+        members = kf.family(await self.deps.zenml.list_api_keys(account_id), key.name)
+        current = kf.current_key(members, secret)
+        if current is None:
+            raise ReconcileProblem(
+                "ServiceAccountNotReady",
+                f"API key {key.name!r} has no key in ZenML yet.",
+                retry=True,
+            )
+        ann = kf.annotations(secret)
+        retention = kf.Retention.from_secret(secret)
+
+        # 1. Leftovers: keys no Secret references (crash after create) and expired previous.
+        for old in kf.retire(members, current, retention, now):
+            with contextlib.suppress(zc.NotFoundError):
+                await self.deps.zenml.delete_api_key(account_id, old.id)
+            self.event(
+                "Normal",
+                "ApiKeyRetired",
+                f"Deleted old API key {old.name!r} (retention over or never used)",
+            )
+
+        # 2. Decide whether a rotation is due, from recorded timestamps only.
+        count = int(ann.get(ANN_ROTATION_COUNT, "0") or 0)
+        issued = parse_iso(ann.get(sec.ANN_ISSUED_AT)) or now
+        next_due = issued + period
+        handled_request = ann.get(ANN_ROTATE_REQUEST, "")
+        requested = bool(self.request) and self.request != handled_request
+        due = requested or now >= next_due
+        previous_protected = retention.key_id is not None and any(
+            retention.protects(m.id, now) for m in members
+        )
+        rotating: tuple[bool, str, str] = (False, "Idle", f"Next rotation at {iso(next_due)}.")
+        wake = [next_due]
+        if retention.valid_until and retention.valid_until > now:
+            wake.append(retention.valid_until)
+
+        if spec.suspend:
+            rotating = (False, "Suspended", "spec.suspend is true: no rotation runs.")
+        elif due and previous_protected:
+            rotating = (
+                True,
+                "WaitingForRetention",
+                f"A rotation is due but the previous key stays valid until"
+                f" {iso(retention.valid_until)}; rotating now would cut it off (ZenML keeps one"
+                " previous key). The rotation runs then.",
+            )
+        elif due:
+            secret, current, count = await self.rotate(
+                spec, sa, key, account_id, secret_name, secret, current, members, count, now
+            )
+            handled_request = self.request if requested else handled_request
+            issued = now
+            next_due = now + period
+            retention = kf.Retention.from_secret(secret)
+            wake = [next_due]
+            if retention.valid_until and retention.valid_until > now:
+                wake.append(retention.valid_until)
+            rotating = (False, "Rotated", f"Rotated at {iso(now)}; next at {iso(next_due)}.")
+
+        # 3. Restarts owed for the key now in the Secret (made once per key).
+        restart_problem = None
+        if count > 0 and self.status.get("restartedForKeyId") != current.id:
+            restart_problem = await self.restart_targets(spec, current.id, now)
+        status["restartedForKeyId"] = (
+            current.id
+            if count > 0 and restart_problem is None
+            else self.status.get("restartedForKeyId")
+        )
+        if status["restartedForKeyId"] is None:
+            status.pop("restartedForKeyId")
+
+        status.update(
+            currentKeyId=current.id,
+            rotationCount=count,
+            nextRotationTime=iso(next_due),
+        )
+        if count > 0:
+            status["lastRotationTime"] = iso(issued)
+        if retention.key_id:
+            status["previousKeyId"] = retention.key_id
+            status["previousKeyValidUntil"] = (
+                iso(retention.valid_until) if (retention.valid_until) else None
+            )
+        if handled_request:
+            status["lastRotateRequest"] = handled_request
+        if restart_problem:
+            ready = (False, "RestartFailed", restart_problem)
+        elif spec.suspend:
+            ready = (True, "Suspended", "Rotation is suspended (spec.suspend).")
+        else:
+            ready = (
+                True,
+                "Scheduled",
+                f"Key {key.name!r} rotates every {spec.period}; next at {iso(next_due)}.",
+            )
+        status["conditions"] = self.conditions(ready=ready, rotating=rotating)
+        status = {k: v for k, v in status.items() if v is not None}
+        return Outcome(status, min(wake))
+
+    async def rotate(
+        self,
+        spec: ApiKeyRotationSpec,
+        sa: Mapping[str, Any],
+        key: ApiKeySpec,
+        account_id: str,
+        secret_name: str,
+        secret: Mapping[str, Any],
+        current: zc.ApiKeyInfo,
+        members: list[zc.ApiKeyInfo],
+        count: int,
+        now: datetime.datetime,
+    ) -> tuple[Mapping[str, Any], zc.ApiKeyInfo, int]:
+        await crashpoint("rotation.before-create")
+        issued = await self.deps.zenml.create_api_key(
+            account_id, kf.next_name(members, key.name), description=key.description
+        )
+        await crashpoint("rotation.after-create")
+        if not key.active:
+            await self.deps.zenml.update_api_key(account_id, issued.info.id, active=False)
+        valid_until = now + datetime.timedelta(minutes=spec.retain_period_minutes)
+        extra = {
+            kf.ANN_PREVIOUS_KEY_ID: current.id,
+            kf.ANN_PREVIOUS_VALID_UNTIL: iso(valid_until),
+            ANN_ROTATION_COUNT: str(count + 1),
+        }
+        if self.request:
+            extra[ANN_ROTATE_REQUEST] = self.request
+        patch = sec.value_patch(
+            secret=secret,
+            owner=sa,
+            key=key,
+            zenml_url=self.deps.secret_url,
+            key_id=issued.info.id,
+            key_value=issued.value.reveal(),
+            issued_at=iso(now),
+            extra_annotations=extra,
+        )
+        written = await self.deps.kube.patch_secret(self.namespace, secret_name, patch)
+        await crashpoint("rotation.after-secret-write")
+        self.event(
+            "Normal",
+            "Rotated",
+            f"Rotated API key {key.name!r}: Secret {secret_name!r} now holds"
+            f" {issued.info.name!r}; the previous key works until {iso(valid_until)}",
+        )
+        if spec.retain_period_minutes == 0:
+            with contextlib.suppress(zc.NotFoundError):
+                await self.deps.zenml.delete_api_key(account_id, current.id)
+        return written, issued.info, count + 1
+
+    async def restart_targets(
+        self, spec: ApiKeyRotationSpec, key_id: str, now: datetime.datetime
+    ) -> str | None:
+        """Restart each target once for `key_id`; a message if some could not be."""
+        missing = []
+        for ref in spec.rollout_restart_targets:
+            plural = WORKLOAD_PLURALS[ref.kind]
+            obj = await self.deps.kube.get_object("apps/v1", plural, self.namespace, ref.name)
+            if obj is None:
+                missing.append(f"{ref.kind}/{ref.name}")
+                continue
+            template_ann = (
+                ((obj.get("spec") or {}).get("template") or {}).get("metadata") or {}
+            ).get("annotations") or {}
+            if template_ann.get(ANN_RESTARTED_FOR) == key_id:
+                continue  # restarted for this key already (before a crash)
+            await self.deps.kube.patch_object(
+                "apps/v1",
+                plural,
+                self.namespace,
+                ref.name,
+                {
+                    "spec": {
+                        "template": {
+                            "metadata": {
+                                "annotations": {
+                                    ANN_RESTARTED_AT: iso(now),
+                                    ANN_RESTARTED_FOR: key_id,
+                                }
+                            }
+                        }
+                    }
+                },
+            )
+            await crashpoint("rotation.after-restart")
+            self.event(
+                "Normal",
+                "RestartedWorkload",
+                f"Restarted {ref.kind}/{ref.name} to load the rotated key",
+            )
+        if missing:
+            return (
+                f"Rotation done, but these restart targets do not exist: "
+                f"{', '.join(missing)}; create them or fix spec.rolloutRestartTargets."
+            )
+        return None
