@@ -50,7 +50,9 @@ def _run(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from zenml_operator.demo import run_demo
 
-    return asyncio.run(run_demo(keep_running=args.keep_running, workdir=Path(args.workdir)))
+    return asyncio.run(
+        run_demo(keep_running=args.keep_running, workdir=Path(args.workdir), verbose=args.verbose)
+    )
 
 
 def _crds(args: argparse.Namespace) -> int:
@@ -86,6 +88,9 @@ def parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--workdir", default=".zenml-demo", help="where the demo ZenML server keeps its data"
+    )
+    demo.add_argument(
+        "-v", "--verbose", action="store_true", help="show the operator's and Kopf's logs"
     )
     demo.set_defaults(func=_demo)
 

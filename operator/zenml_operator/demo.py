@@ -409,8 +409,11 @@ async def check_service_account(
         expect_login = spec.active and key.active
         user = await _logs_in_as(url, value) if url and value else None
         report.logins[ref] = user
-        ok = user == account if expect_login else user is None
-        outcome = f"logs in to ZenML as {user}" if user else "is refused by ZenML"
+        ok = bool(url and value) and (user == account if expect_login else user is None)
+        if not (url and value):
+            outcome = f"lacks {names.url} or {names.api_key}"
+        else:
+            outcome = f"logs in to ZenML as {user}" if user else "is refused by ZenML"
         report.add(f"Secret {ref} login", ok, outcome)
         say(f"      Secret {ref} {outcome}: {_ok(ok)}")
         say(f"        {names.url}={url}  {names.api_key}={mask(value)}")
@@ -438,8 +441,7 @@ def _secret_refs(pod_spec: Mapping[str, Any]) -> list[tuple[str, str]]:
     return refs
 
 
-async def check_workload(
-    cluster: DemoCluster,
+def check_workload(
     manifest: Manifest,
     written: Mapping[str, _SecretSeen],
     say: Say,
@@ -517,9 +519,11 @@ async def run_real_client(
         try:
             output, _ = await asyncio.wait_for(process.communicate(), timeout)
         except TimeoutError:
-            process.kill()
-            await process.wait()
             return -1, f"no answer in {timeout:.0f} s"
+        finally:
+            if process.returncode is None:  # timed out, or the demo was interrupted
+                process.kill()
+                await process.wait()
     return int(process.returncode or 0), mask_text(output.decode(errors="replace"))
 
 
@@ -661,7 +665,7 @@ async def run_examples(
                     written.update({s.ref: s for s in seen})
         workloads = [m for m in applied if m.kind in ("Deployment", "StatefulSet", "DaemonSet")]
         for manifest in workloads:
-            await check_workload(cluster, manifest, written, say, report)
+            check_workload(manifest, written, say, report)
 
         if zenml_python is not None:
             with _Timer(report, "real zenml client"):

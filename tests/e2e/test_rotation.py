@@ -287,7 +287,7 @@ async def test_missing_target_is_not_ready(cluster, start_zenml_operator, target
     await start_zenml_operator()
     name = unique("missing")
     await make_account(cluster, name)
-    body = rotation_body(name, name, period="1h")
+    body = rotation_body(name, name, period="2h")
     body["spec"].update(target)
     await cluster.create(ROT_PATH, body)
     await cluster.wait_for(
@@ -301,9 +301,9 @@ async def test_second_rotation_for_the_same_key_is_refused(cluster, start_zenml_
     await start_zenml_operator()
     name = unique("dup")
     await make_account(cluster, name)
-    await cluster.create(ROT_PATH, rotation_body(name, name, period="1h"))
+    await cluster.create(ROT_PATH, rotation_body(name, name, period="2h"))
     await cluster.wait_for(lambda: _has_condition(cluster, name, "Ready", "True"), timeout=20)
-    await cluster.create(ROT_PATH, rotation_body(f"{name}-2", name, period="1h"))
+    await cluster.create(ROT_PATH, rotation_body(f"{name}-2", name, period="2h"))
     await cluster.wait_for(
         lambda: _has_condition(cluster, f"{name}-2", "Ready", "False", "DuplicateRotation"),
         timeout=20,
