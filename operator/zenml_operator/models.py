@@ -222,6 +222,15 @@ class Condition(_Model):
     observed_generation: int | None = None
 
 
+# Merged by type, as metav1.Condition lists are (server-side apply and kubectl).
+Conditions = Annotated[
+    list[Condition],
+    Field(
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}
+    ),
+]
+
+
 class ApiKeyStatus(_Model):
     """What the operator knows about one declared key."""
 
@@ -251,15 +260,7 @@ class ServiceAccountStatus(_Model):
     create_requested_at: str | None = None
     ready_keys: int | None = None
     api_keys: list[ApiKeyStatus] = []
-    conditions: Annotated[
-        list[Condition],
-        Field(
-            json_schema_extra={
-                "x-kubernetes-list-type": "map",
-                "x-kubernetes-list-map-keys": ["type"],
-            }
-        ),
-    ] = []
+    conditions: Conditions = []
 
 
 # Go-style duration as Kubernetes CEL's duration() parses it; hours, minutes, seconds.
@@ -373,15 +374,7 @@ class ApiKeyRotationStatus(_Model):
     last_rotate_request: str | None = None
     # The key id the restart targets were last restarted for (each restart happens once).
     restarted_for_key_id: str | None = None
-    conditions: Annotated[
-        list[Condition],
-        Field(
-            json_schema_extra={
-                "x-kubernetes-list-type": "map",
-                "x-kubernetes-list-map-keys": ["type"],
-            }
-        ),
-    ] = []
+    conditions: Conditions = []
 
 
 def dump(model: BaseModel) -> dict[str, Any]:
