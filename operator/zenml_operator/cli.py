@@ -15,6 +15,7 @@ import kopf
 def _run(args: argparse.Namespace) -> int:
     from zenml_operator.config import config_from_env
     from zenml_operator.main import build_registry
+    from zenml_operator.metrics import Metrics
 
     namespaces = tuple(args.namespace or ())
     if not namespaces and not args.all_namespaces:
@@ -28,22 +29,35 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"zenml-operator run: {exc}", file=sys.stderr)
         return 2
+    if args.metrics_port and args.metrics_port == args.liveness_port:
+        print("zenml-operator run: --metrics-port and --liveness-port must differ", file=sys.stderr)
+        return 2
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat[args.log_format.upper()])
-    registry = build_registry(config)
+    metrics = Metrics()
+    registry = build_registry(config, metrics=metrics)
     liveness = f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None
-    asyncio.run(
-        kopf.operator(
-            registry=registry,
-            namespaces=list(namespaces),
-            clusterwide=args.all_namespaces,
-            liveness_endpoint=liveness,
-            standalone=not args.peering,
-            peering_name=args.peering or None,
-            # Equal priorities make Kopf pause every replica; a random one elects a leader,
-            # and the others stand by until it stops.
-            priority=random.randint(1, 1_000_000) if args.peering else 0,
-        )
-    )
+
+    async def run() -> None:
+        if args.metrics_port:
+            # Up before Kopf starts: /readyz answers 503 "starting" until the startup is done.
+            await metrics.serve(args.metrics_port)
+            logging.info(f"Serving /metrics and /readyz on port {args.metrics_port}")
+        try:
+            await kopf.operator(
+                registry=registry,
+                namespaces=list(namespaces),
+                clusterwide=args.all_namespaces,
+                liveness_endpoint=liveness,
+                standalone=not args.peering,
+                peering_name=args.peering or None,
+                # Equal priorities make Kopf pause every replica; a random one elects a
+                # leader, and the others stand by until it stops.
+                priority=random.randint(1, 1_000_000) if args.peering else 0,
+            )
+        finally:
+            await metrics.aclose()
+
+    asyncio.run(run())
     return 0
 
 
@@ -72,6 +86,12 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("-A", "--all-namespaces", action="store_true")
     run.add_argument(
         "--liveness-port", type=int, default=8080, help="serve /healthz on this port (0: off)"
+    )
+    run.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9090,
+        help="serve /metrics (Prometheus) and /readyz on this port (0: off)",
     )
     run.add_argument(
         "--peering", default="", help="Kopf peering object name for HA (default: standalone)"

@@ -1,7 +1,9 @@
 """Kopf wiring: every decorator of the operator lives here, and only wiring.
 
 `build_registry(config)` returns a fresh registry so that the resync interval comes from
-configuration and tests can run several operators (or restart one) in one process.
+configuration and tests can run several operators (or restart one) in one process. Pass
+`metrics=` to share a `Metrics` (the CLI serves it); otherwise each registry gets its own,
+exposed as `memo.metrics` from start-up.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from zenml_operator.handlers import rotation as rot
 from zenml_operator.handlers import service_account as sa
 from zenml_operator.handlers.common import Deps, classify, status_patch
 from zenml_operator.kube import KubeClient
+from zenml_operator.metrics import Metrics
 from zenml_operator.models import API_VERSION, GROUP, VERSION
 
 PREFIX = "operator.zenml.io"
@@ -53,8 +56,25 @@ async def sleep_until(stopped: kopf.DaemonStopped, wakeup: asyncio.Event, second
     wakeup.clear()
 
 
-def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
+def _reason_of(exc: BaseException) -> str | None:
+    """The Ready reason an exception maps to, for the reconcile metrics."""
+    problem = classify(exc)
+    return problem.reason if problem is not None else None
+
+
+def _ready(status: dict[str, Any]) -> tuple[bool, str]:
+    """(Ready is True, its reason) from a status about to be written."""
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "Ready":
+            return cond.get("status") == "True", str(cond.get("reason") or "Unknown")
+    return False, "Unknown"
+
+
+def build_registry(
+    config: OperatorConfig, *, metrics: Metrics | None = None
+) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
+    metrics = metrics if metrics is not None else Metrics()
 
     @kopf.on.startup(registry=registry)
     async def startup(
@@ -75,6 +95,8 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         settings.watching.server_timeout = 600
         settings.watching.client_timeout = 660
         memo.config = config
+        memo.metrics = metrics
+        metrics.readiness.started = metrics.readiness.stopping = False
         memo.zenml = zc.ZenMLClient(
             config.zenml_url,
             config.zenml_api_key,
@@ -82,13 +104,29 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
             max_retries=config.zenml_retries,
             username=config.zenml_username,
             max_connections=config.zenml_max_connections,
+            observer=metrics.observe_zenml_request,
         )
+        zenml = memo.zenml
+
+        async def check_login() -> str:
+            # The login request itself reports to readiness (the client's observer); this
+            # adds the reason when no request was made (e.g. an unreadable key file).
+            try:
+                return str(await zenml.current_user_name())
+            except zc.ZenMLError as exc:
+                if metrics.readiness.login_ok is not True:
+                    metrics.readiness.login_failed(str(exc))
+                raise
+
         try:
-            who = await memo.zenml.current_user_name()
+            who = await check_login()
             logger.info(f"Logged in to ZenML at {config.zenml_url} as {who!r}")
         except zc.ZenMLError as exc:
             # Not fatal: every resource reports it and the operator retries with backoff.
             logger.error(f"Cannot log in to ZenML at {config.zenml_url}: {exc}")
+        # /readyz retries a failed login itself (an operator with no resources would not).
+        metrics.readiness.relogin = check_login
+        metrics.readiness.started = True
 
     @kopf.on.login(registry=registry)
     def login(
@@ -108,6 +146,9 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(memo: Any, **_: Any) -> None:
+        metrics.readiness.stopping = True
+        metrics.readiness.relogin = None
+        await metrics.readiness.aclose()
         for name in ("zenml", "kube"):
             client = getattr(memo, name, None)
             if client is not None:
@@ -116,6 +157,12 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
     async def reconcile_service_account(
         body: kopf.Body, memo: Any, logger: logging.Logger, **_: Any
     ) -> None:
+        with metrics.track("serviceaccount", reason_of=_reason_of) as tracked:
+            await _reconcile_service_account(body, memo, logger, tracked)
+
+    async def _reconcile_service_account(
+        body: kopf.Body, memo: Any, logger: logging.Logger, tracked: Any
+    ) -> None:
         deps = _deps(memo)
         meta = body.metadata
         async with deps.lock_for(meta.uid):
@@ -123,7 +170,10 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
             # the previous handler wrote, and deciding on stale status is how duplicates and
             # false NameConflicts happen.
             fresh = await deps.kube.get_object(API_VERSION, sa.PLURAL, meta.namespace, meta.name)
-            if fresh is None or fresh["metadata"].get("uid") != meta.uid:
+            if fresh is None:
+                metrics.forget_service_account(meta.namespace, meta.name)
+                return
+            if fresh["metadata"].get("uid") != meta.uid:
                 return
             if fresh["metadata"].get("deletionTimestamp"):
                 return  # the deletion handler owns it now
@@ -138,8 +188,11 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
                 await deps.kube.patch_status(
                     API_VERSION, sa.PLURAL, meta.namespace, meta.name, changes
                 )
+            metrics.set_api_keys(meta.namespace, meta.name, desired.get("apiKeys"))
         if problem is None:
+            tracked.outcome(*_ready(desired))
             return
+        tracked.failed(problem.reason)
         previous = (fresh.get("status") or {}).get("conditions") or []
         if not any(c.get("reason") == problem.reason for c in previous):
             kopf.event(fresh, type="Warning", reason=problem.reason, message=problem.message)
@@ -149,20 +202,34 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
 
     async def rotate_once(body: kopf.Body, deps: Deps, logger: logging.Logger) -> float:
         """One look at a rotation; returns how many seconds until it needs the next one."""
+        with metrics.track("apikeyrotation", reason_of=_reason_of) as tracked:
+            return await _rotate_once(body, deps, logger, tracked)
+
+    async def _rotate_once(
+        body: kopf.Body, deps: Deps, logger: logging.Logger, tracked: Any
+    ) -> float:
         meta = body.metadata
         async with deps.lock_for(meta.uid):
             fresh = await deps.kube.get_object(API_VERSION, rot.PLURAL, meta.namespace, meta.name)
             if fresh is None or fresh["metadata"].get("uid") != meta.uid:
+                metrics.forget_rotation(meta.namespace, meta.name)
                 return config.resync_seconds
             if fresh["metadata"].get("deletionTimestamp"):
+                metrics.forget_rotation(meta.namespace, meta.name)
                 return config.resync_seconds
             outcome = await rot.RotationReconciler(fresh, deps).run()
-            changes = status_patch(fresh.get("status"), outcome.status)
+            before = fresh.get("status") or {}
+            changes = status_patch(before, outcome.status)
             if changes:
                 await deps.kube.patch_status(
                     API_VERSION, rot.PLURAL, meta.namespace, meta.name, changes
                 )
+            _observe_rotation(fresh, before, outcome.status)
         problem = outcome.problem
+        if problem is None:
+            tracked.outcome(*_ready(outcome.status))
+        else:
+            tracked.failed(problem.reason)
         if problem is not None:
             previous = (fresh.get("status") or {}).get("conditions") or []
             if not any(c.get("reason") == problem.reason for c in previous):
@@ -173,6 +240,27 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
             return config.resync_seconds
         seconds = (outcome.wake_at - rot.utcnow()).total_seconds()
         return min(max(seconds, 0.05), config.resync_seconds)
+
+    def _observe_rotation(
+        fresh: dict[str, Any], before: dict[str, Any], after: dict[str, Any]
+    ) -> None:
+        """Rotation metrics from the status just written (counted once it is written)."""
+        meta, spec = fresh["metadata"], fresh.get("spec") or {}
+        account, key = spec.get("serviceAccountName"), spec.get("apiKeyName")
+        metrics.set_rotation(
+            meta["namespace"],
+            meta["name"],
+            serviceaccount=account,
+            key=key,
+            next_rotation=after.get("nextRotationTime"),
+        )
+        done = int(after.get("rotationCount") or 0) - int(before.get("rotationCount") or 0)
+        if done > 0:
+            metrics.rotated(meta["namespace"], meta["name"], done)
+            if account and key:
+                metrics.key_issued_at(
+                    meta["namespace"], account, key, after.get("lastRotationTime")
+                )
 
     rotation_resource = (GROUP, VERSION, rot.PLURAL)
 
@@ -196,6 +284,8 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
                 delay = config.retry_delay
             await sleep_until(stopped, wakeup, delay)
         deps.forget(body.metadata.uid)
+        # The daemon stops when the object goes (or the operator stops): drop its series.
+        metrics.forget_rotation(body.metadata.namespace, body.metadata.name)
 
     @kopf.on.update(*rotation_resource, registry=registry, id="wake")
     async def rotation_changed(body: kopf.Body, memo: Any, **_: Any) -> None:
@@ -217,15 +307,21 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
     async def finalize_service_account(body: kopf.Body, memo: Any, **_: Any) -> None:
         deps = _deps(memo)
         meta = body.metadata
-        async with deps.lock_for(meta.uid):
-            fresh = await deps.kube.get_object(API_VERSION, sa.PLURAL, meta.namespace, meta.name)
-            try:
-                await sa.finalize(fresh or body, deps)
-            except Exception as exc:
-                problem = classify(exc)
-                if problem is None:
-                    raise
-                raise kopf.TemporaryError(problem.message, delay=config.retry_delay) from None
+        with metrics.track("serviceaccount", reason_of=_reason_of) as tracked:
+            async with deps.lock_for(meta.uid):
+                fresh = await deps.kube.get_object(
+                    API_VERSION, sa.PLURAL, meta.namespace, meta.name
+                )
+                try:
+                    await sa.finalize(fresh or body, deps)
+                except Exception as exc:
+                    problem = classify(exc)
+                    if problem is None:
+                        raise
+                    tracked.failed(problem.reason)
+                    raise kopf.TemporaryError(problem.message, delay=config.retry_delay) from None
+            tracked.ok("Finalized")
+        metrics.forget_service_account(meta.namespace, meta.name)
         deps.locks.pop(body.metadata.uid, None)
 
     return registry

@@ -15,9 +15,11 @@ Safety rules this module keeps:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -25,7 +27,7 @@ from http.cookiejar import Cookie, CookieJar
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import httpx
 
@@ -317,6 +319,56 @@ def api_key_from_env(environ: dict[str, str] | None = None) -> str | Callable[[]
     return _validate_api_key(env[API_KEY_ENV], API_KEY_ENV)
 
 
+# ------------------------------------------------------------------- observability
+
+# Called once per HTTP attempt (retries included): method, route template (see
+# `route_template`), HTTP status or None when no response came back, and seconds taken.
+RequestObserver = Callable[[str, str, int | None, float], None]
+
+_VAR = None  # a variable segment in _ROUTES
+_ROUTES: tuple[tuple[str | None, ...], ...] = (
+    ("login",),
+    ("current-user",),
+    ("service_accounts",),
+    ("service_accounts", _VAR),
+    ("service_accounts", _VAR, "api_keys"),
+    ("service_accounts", _VAR, "api_keys", _VAR),
+    ("service_accounts", _VAR, "api_keys", _VAR, "rotate"),
+)
+_UUID = re.compile(r"^[0-9a-fA-F]{8}-?([0-9a-fA-F]{4}-?){3}[0-9a-fA-F]{12}$")
+OTHER_ROUTE = f"{API_PREFIX}/other"
+
+
+def route_template(path: str) -> str:
+    """The route of a request path with its variable parts collapsed, for metric labels.
+
+    Only the routes this client calls are recognised, by position (an account named
+    "rotate" stays a variable); a UUID becomes ``{id}`` and any other value ``{name}``, so
+    a label never holds a name or an id and the number of label values stays bounded.
+    Any other path is ``/api/v1/other``: a path is never echoed.
+    """
+    path = path.split("?", 1)[0]
+    if not path.startswith(API_PREFIX + "/"):
+        return OTHER_ROUTE
+    segments = path[len(API_PREFIX) + 1 :].rstrip("/").split("/")
+    for route in _ROUTES:
+        if len(route) != len(segments):
+            continue
+        parts = []
+        for expected, actual in zip(route, segments, strict=True):
+            if expected is _VAR:
+                if not actual:
+                    break
+                parts.append("{id}" if _UUID.match(unquote(actual)) else "{name}")
+            elif expected == actual:
+                parts.append(expected)
+            else:
+                break
+        else:
+            return "/".join((API_PREFIX, *parts))
+    return OTHER_ROUTE
+
+
 # --------------------------------------------------------------------------- client
 
 
@@ -341,8 +393,10 @@ class ZenMLClient:
         max_connections: int = 50,
         username: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        observer: RequestObserver | None = None,
     ) -> None:
         self._url = url.rstrip("/")
+        self._observer = observer
         self._secret = api_key
         self._username = username
         self._max_retries = max(0, max_retries)
@@ -402,12 +456,14 @@ class ZenMLClient:
         attempts = self._max_retries + 1
         for attempt in range(attempts):
             last = attempt == attempts - 1
+            started = time.monotonic()
             try:
                 self.request_count += 1
                 response = await self._http.request(
                     method, path, json=json, data=data, params=params, headers=headers
                 )
             except httpx.TransportError as exc:
+                self._observe(method, path, None, started)
                 if last or (unsent_only and not isinstance(exc, _UNSENT_ERRORS)):
                     raise UnavailableError(
                         f"ZenML {method} {path} failed: server at {self._url} unreachable "
@@ -416,10 +472,17 @@ class ZenMLClient:
                         path=path,
                     ) from exc
             else:
+                self._observe(method, path, response.status_code, started)
                 if response.status_code < 500 or unsent_only or last:
                     return response
             await asyncio.sleep(self._delay(attempt))
         raise AssertionError("unreachable")  # the loop always returns or raises
+
+    def _observe(self, method: str, path: str, status: int | None, started: float) -> None:
+        if self._observer is None:
+            return
+        with contextlib.suppress(Exception):  # metrics must never break a request
+            self._observer(method, route_template(path), status, time.monotonic() - started)
 
     def _delay(self, attempt: int) -> float:
         # Full exponential backoff with jitter so many reconcilers do not retry in step.

@@ -299,11 +299,13 @@ def test_probes_and_ports(rendered, scenario: str) -> None:
     c = container(docs)
     args = c["args"]
     liveness_port = int(args[args.index("--liveness-port") + 1])
+    metrics_port = int(args[args.index("--metrics-port") + 1])
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports == {"healthz": liveness_port, "metrics": 9090}
-    for probe in ("livenessProbe", "readinessProbe"):
-        assert c[probe]["httpGet"] == {"path": "/healthz", "port": "healthz"}
-    assert "--metrics-port" not in args  # not an operator flag (yet)
+    assert ports == {"healthz": liveness_port, "metrics": metrics_port}
+    assert metrics_port == 9090
+    # Liveness is Kopf's /healthz; readiness is the operator's /readyz (started + logged in).
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
     service = one(docs, "Service")
     assert service["spec"]["ports"] == [
         {"name": "metrics", "port": 9090, "targetPort": "metrics", "protocol": "TCP"}
@@ -321,6 +323,8 @@ def test_args_all_namespaces(rendered) -> None:
         "json",
         "--liveness-port",
         "8080",
+        "--metrics-port",
+        "9090",
     ]
     assert c["image"] == "zenml-operator:0.1.0"
     assert c["imagePullPolicy"] == "IfNotPresent"
@@ -339,6 +343,7 @@ def test_args_parse_with_the_real_cli(rendered) -> None:
     for scenario, docs in rendered.items():
         args = parser().parse_args(container(docs)["args"])
         assert args.command == "run", scenario
+        assert args.metrics_port == 9090 and args.liveness_port == 8080, scenario
         assert bool(args.all_namespaces) != bool(args.namespace), scenario
 
 

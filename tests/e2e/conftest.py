@@ -84,12 +84,12 @@ def secret_value(secret: dict[str, Any], key: str = "ZENML_STORE_API_KEY") -> st
 
 async def logs_in_as(url: str, api_key: str) -> str | None:
     """The account name this key logs in as, or None if ZenML refuses it."""
-    from zenml_operator.zenml_client import UnauthorizedError
+    from zenml_operator.zenml_client import NotFoundError, UnauthorizedError
 
     client = ZenMLClient(url, api_key, max_retries=0)
     try:
         return await client.current_user_name()
-    except UnauthorizedError:
+    except (UnauthorizedError, NotFoundError):  # 404: a deleted key ("API key not found")
         return None
     finally:
         await client.aclose()
