@@ -82,12 +82,35 @@ class Retention:
         return self.key_id == key_id and self.valid_until is not None and now < self.valid_until
 
 
+@dataclass(frozen=True)
+class Retirement:
+    """What to do with the keys of a family that are not the current one."""
+
+    deactivate: list[ApiKeyInfo]  # the previous key, its retention over: refused with 401
+    delete: list[ApiKeyInfo]  # older generations and never-used leftovers of a crash
+
+
 def retire(
     members: list[ApiKeyInfo],
     current: ApiKeyInfo | None,
     retention: Retention,
     now: datetime.datetime,
-) -> list[ApiKeyInfo]:
-    """Keys to delete: every member but the current one and a still-protected previous one."""
-    keep = {current.id} if current else set()
-    return [k for k in members if k.id not in keep and not retention.protects(k.id, now)]
+) -> Retirement:
+    """Every member but the current one and a still-protected previous one must stop working.
+
+    The expired previous key is deactivated, not deleted: ZenML then refuses it (and the
+    tokens obtained with it) with 401, as a retention end should look; it is deleted at the
+    next rotation, when it stops being the recorded previous key. So a family holds at most
+    the current key, one previous key and nothing active beyond its retention.
+    """
+    deactivate: list[ApiKeyInfo] = []
+    delete: list[ApiKeyInfo] = []
+    for key in members:
+        if (current is not None and key.id == current.id) or retention.protects(key.id, now):
+            continue
+        if key.id == retention.key_id:
+            if key.active:
+                deactivate.append(key)
+        else:
+            delete.append(key)
+    return Retirement(deactivate, delete)

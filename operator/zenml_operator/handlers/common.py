@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -121,3 +122,33 @@ def utcnow() -> datetime.datetime:
 def secret_lock(namespace: str, name: str) -> str:
     """The lock key shared by everything that writes one Secret (and its key family)."""
     return f"secret/{namespace}/{name}"
+
+
+async def retire_keys(
+    deps: Deps,
+    account_id: str,
+    plan: Any,
+    event: Callable[[str, str, str], None],
+    crash_name: str,
+) -> None:
+    """Carry out a keyfamily.Retirement: deactivate the expired previous key, delete the rest."""
+    from zenml_operator.crashpoints import crashpoint
+
+    for key in plan.deactivate:
+        with contextlib.suppress(zc.NotFoundError):
+            await deps.zenml.update_api_key(account_id, key.id, active=False)
+        await crashpoint(crash_name)
+        event(
+            "Normal",
+            "ApiKeyExpired",
+            f"Deactivated previous API key {key.name!r}: its retention is over",
+        )
+    for key in plan.delete:
+        with contextlib.suppress(zc.NotFoundError):
+            await deps.zenml.delete_api_key(account_id, key.id)
+        await crashpoint(crash_name)
+        event(
+            "Normal",
+            "ApiKeyRetired",
+            f"Deleted old API key {key.name!r} (superseded, or never used after a crash)",
+        )

@@ -17,7 +17,6 @@ value lost in a crash would need a second rotate, which kills the key workloads 
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import logging
 import re
@@ -36,6 +35,7 @@ from zenml_operator.handlers.common import (
     Deps,
     ReconcileProblem,
     classify,
+    retire_keys,
     secret_lock,
     utcnow,
 )
@@ -265,14 +265,10 @@ class RotationReconciler:
         retention = kf.Retention.from_secret(secret)
 
         # 1. Leftovers: keys no Secret references (crash after create) and expired previous.
-        for old in kf.retire(members, current, retention, now):
-            with contextlib.suppress(zc.NotFoundError):
-                await self.deps.zenml.delete_api_key(account_id, old.id)
-            self.event(
-                "Normal",
-                "ApiKeyRetired",
-                f"Deleted old API key {old.name!r} (retention over or never used)",
-            )
+        plan = kf.retire(members, current, retention, now)
+        await retire_keys(self.deps, account_id, plan, self.event, "rotation.after-retire")
+        gone = {k.id for k in plan.delete}
+        members = [m for m in members if m.id not in gone]
 
         # 2. Decide whether a rotation is due, from recorded timestamps only.
         count = int(ann.get(ANN_ROTATION_COUNT, "0") or 0)
@@ -307,6 +303,15 @@ class RotationReconciler:
             issued = now
             next_due = now + period
             retention = kf.Retention.from_secret(secret)
+            # The key that was previous until now is superseded: delete it right away.
+            members = [*members, current]
+            await retire_keys(
+                self.deps,
+                account_id,
+                kf.retire(members, current, retention, now),
+                self.event,
+                "rotation.after-retire",
+            )
             wake = [next_due]
             if retention.valid_until and retention.valid_until > now:
                 wake.append(retention.valid_until)
@@ -398,9 +403,6 @@ class RotationReconciler:
             f"Rotated API key {key.name!r}: Secret {secret_name!r} now holds"
             f" {issued.info.name!r}; the previous key works until {iso(valid_until)}",
         )
-        if spec.retain_period_minutes == 0:
-            with contextlib.suppress(zc.NotFoundError):
-                await self.deps.zenml.delete_api_key(account_id, current.id)
         return written, issued.info, count + 1
 
     async def restart_targets(

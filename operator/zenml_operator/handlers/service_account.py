@@ -24,11 +24,13 @@ from zenml_operator import keyfamily as kf
 from zenml_operator import secrets as sec
 from zenml_operator import zenml_client as zc
 from zenml_operator.conditions import now_iso, set_condition
+from zenml_operator.crashpoints import crashpoint
 from zenml_operator.handlers.common import (
     Deps,
     ReconcileProblem,
     classify,
     parse_time,
+    retire_keys,
     secret_lock,
     utcnow,
 )
@@ -52,6 +54,45 @@ def parse_spec(body: Mapping[str, Any]) -> ServiceAccountSpec:
             for err in exc.errors()
         )
         raise ReconcileProblem("InvalidSpec", f"spec is invalid: {problems}") from None
+
+
+# Secret annotations the operator keeps its own record in (key ids, issue time, retention,
+# rotation count, ...): a template must not write them.
+RESERVED_ANNOTATION_PREFIX = "zenml.io/"
+MAX_SECRET_NAME = 253
+
+
+def check_spec(spec: ServiceAccountSpec, resource_name: str) -> None:
+    """What the CRD schema cannot check because it needs metadata.name: the effective Secret
+    names (a default `<metadata.name>-<key>` may equal another key's explicit secretName, or
+    exceed a Secret name's length), and template annotations that would overwrite the
+    operator's record in the Secret. Not part of parse_spec: finalize must still apply the
+    deletion policy of a resource that fails these."""
+    problems = []
+    owners: dict[str, str] = {}
+    for key in spec.api_keys:
+        name = key.secret_name_for(resource_name)
+        if name in owners:
+            problems.append(
+                f"apiKeys {owners[name]!r} and {key.name!r} both write Secret {name!r}"
+                " (set a distinct secretName)"
+            )
+        owners.setdefault(name, key.name)
+        if len(name) > MAX_SECRET_NAME:
+            problems.append(
+                f"apiKeys {key.name!r}: Secret name {name[:40]}... is {len(name)} characters"
+                f" (at most {MAX_SECRET_NAME}); set a shorter secretName"
+            )
+        reserved = sorted(
+            a for a in key.secret_template.annotations if a.startswith(RESERVED_ANNOTATION_PREFIX)
+        )
+        if reserved:
+            problems.append(
+                f"apiKeys {key.name!r}: secretTemplate.annotations {reserved} use the"
+                f" operator's own prefix {RESERVED_ANNOTATION_PREFIX!r}"
+            )
+    if problems:
+        raise ReconcileProblem("InvalidSpec", "spec is invalid: " + "; ".join(problems))
 
 
 class ServiceAccountReconciler:
@@ -93,10 +134,19 @@ class ServiceAccountReconciler:
             return None
         if known_id and account.id == known_id:
             return account
-        if spec.adopt:
-            self.event("Normal", "Adopted", f"Adopted the existing ZenML account {account_name!r}")
-            return account
-        if self._created_after_our_intent(account):
+        if spec.adopt or self._created_after_our_intent(account):
+            # Claiming an account found by name: never the operator's own identity (adopting
+            # it would hand its keys, admin rights included, to whoever may create this kind).
+            if account.name == await self.deps.zenml.current_user_name():
+                raise ReconcileProblem(
+                    "NameConflict",
+                    f"ZenML service account {account_name!r} is the operator's own identity;"
+                    " it cannot be managed by a resource. Choose another spec.name.",
+                )
+            if spec.adopt:
+                self.event(
+                    "Normal", "Adopted", f"Adopted the existing ZenML account {account_name!r}"
+                )
             return account
         raise ReconcileProblem(
             "NameConflict",
@@ -124,15 +174,21 @@ class ServiceAccountReconciler:
                 API_VERSION, PLURAL, self.namespace, self.name, {"createRequestedAt": intent}
             )
             self.status["createRequestedAt"] = intent
+            await crashpoint("sa.create.after-intent")
             try:
                 account = await self.deps.zenml.create_service_account(
                     account_name, description=spec.description, active=spec.active
                 )
             except zc.ConflictError:
-                account = await self.find_owned_account(spec)  # raced; judge it as found
+                # Created by someone else since our look-up (another resource with the same
+                # spec.name, a script): not ours, and our intent must not make it look so on
+                # this or a later run. Only adopt may take it.
+                self.status.pop("createRequestedAt", None)
+                account = await self.find_owned_account(spec)
                 if account is None:
                     raise
             else:
+                await crashpoint("sa.create.after-account")
                 recreated = " (it was deleted in ZenML)" if self.status.get("accountId") else ""
                 self.event(
                     "Normal",
@@ -144,6 +200,7 @@ class ServiceAccountReconciler:
             account = await self.deps.zenml.update_service_account(
                 account.id, description=spec.description, active=spec.active
             )
+            await crashpoint("sa.update.after-account")
             self.event(
                 "Normal",
                 "AccountUpdated",
@@ -192,7 +249,9 @@ class ServiceAccountReconciler:
                 # Created by a run that crashed before its Secret write: it is ours.
                 existing = await self.deps.zenml.get_api_key(account.id, key.name)
             else:
+                await crashpoint("sa.key.after-create")
                 issued_at = await self.write_value(key, secret, secret_name, issued)
+                await crashpoint("sa.key.after-secret-write")
                 self.event(
                     "Normal",
                     "ApiKeyCreated",
@@ -203,13 +262,17 @@ class ServiceAccountReconciler:
             existing = await self.deps.zenml.update_api_key(
                 account.id, existing.id, description=key.description, active=key.active
             )
+            await crashpoint("sa.key.after-update")
         # Older generations: crash leftovers of a rotation, or a previous key whose
         # retention (recorded in the Secret) is over. One still inside it is kept.
         retention = kf.Retention.from_secret(secret)
-        for old in kf.retire(members, existing, retention, utcnow()):
-            with contextlib.suppress(zc.NotFoundError):
-                await self.deps.zenml.delete_api_key(account.id, old.id)
-            self.event("Normal", "ApiKeyRetired", f"Deleted old API key {old.name!r}")
+        await retire_keys(
+            self.deps,
+            account.id,
+            kf.retire(members, existing, retention, utcnow()),
+            self.event,
+            "sa.key.after-retire",
+        )
         if issued_at is None:
             if secret is None or not sec.secret_holds_key(secret, existing.id):
                 # ZenML never shows a key's value again: the only way to fill the Secret is
@@ -217,7 +280,9 @@ class ServiceAccountReconciler:
                 issued = await self.deps.zenml.rotate_api_key(
                     account.id, existing.id, retain_period_minutes=0
                 )
+                await crashpoint("sa.key.after-reissue")
                 issued_at = await self.write_value(key, secret, secret_name, issued)
+                await crashpoint("sa.key.after-reissue-write")
                 what = "was missing" if secret is None else "did not hold the current key"
                 self.event(
                     "Warning",
@@ -235,6 +300,7 @@ class ServiceAccountReconciler:
                         "resourceVersion"
                     ]
                     await self.deps.kube.patch_secret(self.namespace, secret_name, patch)
+                    await crashpoint("sa.key.after-metadata-patch")
         entry.update(
             id=existing.id,
             active=existing.active,
@@ -299,6 +365,7 @@ class ServiceAccountReconciler:
         for member in members:
             with contextlib.suppress(zc.NotFoundError):
                 await self.deps.zenml.delete_api_key(account.id, member.id)
+        await crashpoint("sa.remove-key.after-zenml-delete")
         secret_name = entry.get("secretName")
         if secret_name:
             secret = await self.deps.kube.get_secret(self.namespace, secret_name)
@@ -306,6 +373,7 @@ class ServiceAccountReconciler:
                 await self.deps.kube.delete_secret(
                     self.namespace, secret_name, uid=secret["metadata"].get("uid")
                 )
+                await crashpoint("sa.remove-key.after-secret-delete")
         self.event(
             "Normal",
             "ApiKeyDeleted",
@@ -321,6 +389,7 @@ class ServiceAccountReconciler:
         status["zenmlUrl"] = self.deps.secret_url
         try:
             spec = parse_spec(self.body)
+            check_spec(spec, self.name)
             account = await self.ensure_account(spec)
             status.update(accountId=account.id, accountName=account.name, active=account.active)
             status.pop("createRequestedAt", None)
@@ -349,7 +418,11 @@ class ServiceAccountReconciler:
             )
             if "createRequestedAt" in self.status:
                 status["createRequestedAt"] = self.status["createRequestedAt"]
+            else:
+                status.pop("createRequestedAt", None)  # dropped by a lost create race
             raise ReconcileFailed(status, problem) from exc
+        # Every write of this run is done; the caller writes status next.
+        await crashpoint("sa.reconcile.before-status")
 
         conflicts = [e for e in entries if e.get("state") == "SecretConflict"]
         status["apiKeys"] = [
@@ -404,6 +477,7 @@ async def finalize(body: Mapping[str, Any], deps: Deps) -> None:
     if account is not None and policy == "Delete":
         try:
             await deps.zenml.delete_service_account(account.id)
+            await crashpoint("sa.finalize.after-delete")
             rec.event("Normal", "AccountDeleted", f"Deleted ZenML service account {account.name!r}")
         except zc.NotFoundError:
             pass
@@ -417,6 +491,7 @@ async def finalize(body: Mapping[str, Any], deps: Deps) -> None:
             )
     elif account is not None and policy == "Deactivate" and account.active:
         await deps.zenml.update_service_account(account.id, active=False)
+        await crashpoint("sa.finalize.after-deactivate")
         rec.event(
             "Normal", "AccountDeactivated", f"Deactivated ZenML service account {account.name!r}"
         )
@@ -435,3 +510,4 @@ async def finalize(body: Mapping[str, Any], deps: Deps) -> None:
         secret = await deps.kube.get_secret(rec.namespace, name)
         if secret is not None and sec.is_owned_by(secret, rec.uid):
             await deps.kube.delete_secret(rec.namespace, name, uid=secret["metadata"].get("uid"))
+            await crashpoint("sa.finalize.after-secret-delete")
