@@ -4,7 +4,7 @@ VENV := .venv
 ZENML_VENV := .venv-zenml
 ZENML_VERSION := 0.98.0
 
-.PHONY: demo test lint bench crds clean
+.PHONY: demo test bench crds clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,3 +34,7 @@ crds: $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV) $(ZENML_VENV) .zenml-demo .pytest_cache
+
+# Not part of `make test`: prints figures (see tests/bench/README.md).
+bench: $(VENV)/.installed $(ZENML_VENV)/.installed
+	$(VENV)/bin/python tests/bench/benchmark.py

@@ -310,7 +310,7 @@ class RotationReconciler:
                 account_id,
                 kf.retire(members, current, retention, now),
                 self.event,
-                "rotation.after-retire",
+                "rotation.after-superseded-retire",
             )
             wake = [next_due]
             if retention.valid_until and retention.valid_until > now:

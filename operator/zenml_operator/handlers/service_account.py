@@ -2,7 +2,11 @@
 
 Crash safety, step by step:
 - account: before asking ZenML to create it, `status.createRequestedAt` is written; after a
-  crash, an account of that name created since then is ours (not a NameConflict);
+  crash, an account of that name created since then is ours (not a NameConflict). A create
+  answered 409 (someone created the name since our look-up) is judged by an earlier
+  attempt's intent only, and a create that never reached ZenML leaves no intent: two
+  resources racing for one spec.name never both take the account. The operator's own
+  identity is never taken (adopt or intent);
 - key: keys live under an account we own, so a key of a declared name is ours. The value
   exists only in ZenML's create/rotate response: if the Secret does not hold the current key
   (crash between create and write, or a Secret deleted by hand), the key is rotated with no
@@ -18,6 +22,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+import httpx
 import pydantic
 
 from zenml_operator import keyfamily as kf
@@ -60,6 +65,8 @@ def parse_spec(body: Mapping[str, Any]) -> ServiceAccountSpec:
 # rotation count, ...): a template must not write them.
 RESERVED_ANNOTATION_PREFIX = "zenml.io/"
 MAX_SECRET_NAME = 253
+# A create that failed with one of these never reached ZenML (it cannot have landed).
+_NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
 
 def check_spec(spec: ServiceAccountSpec, resource_name: str) -> None:
@@ -164,11 +171,23 @@ class ServiceAccountReconciler:
             created = created.replace(tzinfo=datetime.UTC)
         return created >= intent - CLOCK_SKEW
 
+    async def _restore_intent(self, earlier: str | None) -> None:
+        """Take back this run's intent record, in the cluster too: the status written at the
+        end of the run is a diff against the status read before the run, which never had it."""
+        await self.deps.kube.patch_status(
+            API_VERSION, PLURAL, self.namespace, self.name, {"createRequestedAt": earlier}
+        )
+        if earlier:
+            self.status["createRequestedAt"] = earlier
+        else:
+            self.status.pop("createRequestedAt", None)
+
     async def ensure_account(self, spec: ServiceAccountSpec) -> zc.ServiceAccountInfo:
         account = await self.find_owned_account(spec)
         account_name = spec.account_name_for(self.name)
         if account is None:
             # Intent first: a crash after ZenML's create must not look like a NameConflict.
+            earlier = self.status.get("createRequestedAt")  # of an attempt that may have landed
             intent = now_iso()
             await self.deps.kube.patch_status(
                 API_VERSION, PLURAL, self.namespace, self.name, {"createRequestedAt": intent}
@@ -180,13 +199,18 @@ class ServiceAccountReconciler:
                     account_name, description=spec.description, active=spec.active
                 )
             except zc.ConflictError:
-                # Created by someone else since our look-up (another resource with the same
-                # spec.name, a script): not ours, and our intent must not make it look so on
-                # this or a later run. Only adopt may take it.
-                self.status.pop("createRequestedAt", None)
+                # Created since our look-up, so not by this attempt: by another resource with
+                # the same spec.name, a script, or an earlier attempt of ours whose create
+                # landed late. Judge it by that earlier intent alone (none: not ours), so that
+                # two resources racing for one name never both take the account.
+                await self._restore_intent(earlier)
                 account = await self.find_owned_account(spec)
                 if account is None:
                     raise
+            except zc.UnavailableError as exc:
+                if isinstance(exc.__cause__, _NEVER_SENT):
+                    await self._restore_intent(earlier)  # this attempt created nothing
+                raise
             else:
                 await crashpoint("sa.create.after-account")
                 recreated = " (it was deleted in ZenML)" if self.status.get("accountId") else ""
@@ -419,7 +443,7 @@ class ServiceAccountReconciler:
             if "createRequestedAt" in self.status:
                 status["createRequestedAt"] = self.status["createRequestedAt"]
             else:
-                status.pop("createRequestedAt", None)  # dropped by a lost create race
+                status.pop("createRequestedAt", None)  # a create that surely did not land
             raise ReconcileFailed(status, problem) from exc
         # Every write of this run is done; the caller writes status next.
         await crashpoint("sa.reconcile.before-status")

@@ -1,0 +1,1376 @@
+"""Benchmark: the operator against plain scripts, on a real ZenML server and an emulated cluster.
+
+    .venv/bin/python tests/bench/benchmark.py            # N=200, about 5 minutes
+    .venv/bin/python tests/bench/benchmark.py --large    # N=1000 (memory target), much longer
+    .venv/bin/python tests/bench/benchmark.py --help     # knobs (concurrency, timeouts, profile)
+
+Not a test (no `test_` prefix: pytest never collects it). It starts a local ZenML server
+(`devstack.zenml_server`, from `.venv-zenml`), serves the emulated Kubernetes API
+(`devstack.kube_emulator`) from THIS process, and runs the operator in a SEPARATE process
+(this file with `--_runner`, via the devstack Kopf runner) so that its CPU time and peak RSS are
+the operator's own. Each figure is measured side by side in the same run:
+
+1. latency: one ServiceAccount with one key, from the POST to the Kubernetes API until the key
+   in its Secret logs in to ZenML, against a script with a WARM logged-in client (as the
+   operator's is) doing create account + create key + the same login with the key;
+2. throughput: N ServiceAccounts applied at once until all are Ready, against a plain async
+   loop of the same ZenML calls with the same concurrency limit, and against the
+   `zenml service-account create` CLI (timed runs, extrapolated to N);
+3. idle cost: a fresh operator with a short resync interval over the N converged objects:
+   Kubernetes writes and ZenML requests per object per interval;
+4. memory: the operator process's peak RSS (VmHWM) over the whole run at N;
+5. rotation fan-out: N ApiKeyRotations asked to rotate at once (on-demand annotation) until
+   every Secret holds its new key, against a plain loop of N ZenML key creates.
+
+Nothing here prints a key value. The output ends with the table in Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import collections
+import contextlib
+import contextvars
+import dataclasses
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+# Only the standard library at module level: the operator process (`--_runner`) must not carry
+# the emulator's or the benchmark's imports in its RSS.
+
+NS = "bench"
+SA_RES = "zenml.io/v1alpha1/serviceaccounts"
+ROT_RES = "zenml.io/v1alpha1/apikeyrotations"
+SECRET_RES = "v1/secrets"
+SA_PATH = f"/apis/zenml.io/v1alpha1/namespaces/{NS}/serviceaccounts"
+ROT_PATH = f"/apis/zenml.io/v1alpha1/namespaces/{NS}/apikeyrotations"
+SECRET_PATH = f"/api/v1/namespaces/{NS}/secrets"
+ANN_KEY_ID = "zenml.io/api-key-id"
+ROTATE_ANNOTATION = "zenml.io/rotate"
+OPERATOR_ACCOUNT = "zenml-operator"
+MB = 1024 * 1024
+
+
+# ================================================================== the operator process
+
+
+_KIND: contextvars.ContextVar[str] = contextvars.ContextVar("bench_kind", default="other")
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def _route(path: str) -> str:
+    """A ZenML path with its ids and names replaced, e.g. service_accounts/{sa}/api_keys."""
+    parts = path.split("?", 1)[0].strip("/").split("/")
+    out = []
+    for i, part in enumerate(parts):
+        prev = parts[i - 1] if i else ""
+        if prev == "service_accounts":
+            out.append("{sa}")
+        elif prev == "api_keys":
+            out.append("{key}")
+        else:
+            out.append(_UUID.sub("{id}", part))
+    return "/".join(p for p in out if p not in ("api", "v1"))
+
+
+def _instrument(counts: collections.Counter[str]) -> None:
+    """Count ZenML requests by reconciler and route, and reconciles, in the operator process.
+
+    Monkeypatching in the benchmark's own process only: the operator's code is unchanged.
+    """
+    from zenml_operator import zenml_client as zc
+    from zenml_operator.handlers import rotation as rot
+    from zenml_operator.handlers import service_account as sa
+
+    send = zc.ZenMLClient._send
+
+    async def counted_send(self: Any, method: str, path: str, *args: Any, **kwargs: Any) -> Any:
+        counts[f"zenml {_KIND.get()} {method} {_route(path)}"] += 1
+        return await send(self, method, path, *args, **kwargs)
+
+    zc.ZenMLClient._send = counted_send  # type: ignore[method-assign]
+
+    def wrap(cls: Any, kind: str) -> None:
+        run = cls.run
+
+        async def counted_run(self: Any, *args: Any, **kwargs: Any) -> Any:
+            counts[f"reconcile {kind}"] += 1
+            token = _KIND.set(kind)
+            try:
+                return await run(self, *args, **kwargs)
+            finally:
+                _KIND.reset(token)
+
+        cls.run = counted_run
+
+    wrap(sa.ServiceAccountReconciler, "serviceaccount")
+    wrap(rot.RotationReconciler, "rotation")
+
+
+def _proc_status(pid: int | str = "self") -> dict[str, int]:
+    """VmRSS / VmHWM in bytes, from /proc."""
+    result = {}
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                result[key] = int(value.split()[0]) * 1024
+    return result
+
+
+def _cpu_seconds(pid: int | str = "self") -> float:
+    """utime + stime of a process, in seconds (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def runner_main() -> int:
+    """`benchmark.py --_runner`: run the operator; JSON lines on stdout, commands on stdin."""
+    import logging
+
+    import kopf
+
+    cfg = json.loads(os.environ.pop("BENCH_RUNNER_CONFIG"))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    kopf.configure(verbose=False)  # as `zenml-operator run` does: INFO logs, to stderr (a file)
+    counts: collections.Counter[str] = collections.Counter()
+    _instrument(counts)
+    asyncio.run(_runner(cfg, counts))
+    return 0
+
+
+async def _runner(cfg: dict[str, Any], counts: collections.Counter[str]) -> None:
+    import kopf
+
+    from zenml_operator.config import OperatorConfig
+    from zenml_operator.devstack.kopf_runner import start_operator
+    from zenml_operator.main import build_registry
+
+    key = cfg.pop("api_key")
+    known = {f.name for f in dataclasses.fields(OperatorConfig)}
+    options = {k: v for k, v in cfg["config"].items() if k in known and v is not None}
+    config = OperatorConfig(zenml_api_key=lambda: key, namespaces=(NS,), **options)
+    kopf_settings = cfg["kopf"]
+
+    def settings_hook(settings: kopf.OperatorSettings) -> None:
+        # The knobs that matter at scale (see the README of this folder).
+        if kopf_settings.get("worker_limit") is not None:
+            settings.queueing.worker_limit = kopf_settings["worker_limit"]
+        if kopf_settings.get("posting_worker_limit") is not None:
+            settings.posting.worker_limit = kopf_settings["posting_worker_limit"]
+
+    memo = kopf.Memo()
+    operator = await start_operator(
+        registry=build_registry(config),
+        namespaces=[NS],
+        settings_hook=settings_hook,
+        memo=memo,
+        ready_timeout=120,
+    )
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    async def snapshot() -> dict[str, Any]:
+        zenml = getattr(memo, "zenml", None)
+        kube = getattr(memo, "kube", None)
+        return {
+            "event": "stats",
+            "zenml_requests": getattr(zenml, "request_count", 0),
+            "kube_writes": getattr(kube, "writes", 0),
+            "counts": dict(counts),
+            "cpu": _cpu_seconds(),
+            **_proc_status(),
+        }
+
+    def emit(payload: Mapping[str, Any]) -> None:
+        sys.stdout.write(json.dumps(payload) + "\n")
+        sys.stdout.flush()
+
+    def commands() -> None:  # a thread: stdin is blocking
+        for line in sys.stdin:
+            command = line.strip()
+            if command == "stats":
+                emit(asyncio.run_coroutine_threadsafe(snapshot(), loop).result())
+            elif command == "stop":
+                break
+        loop.call_soon_threadsafe(stop.set)
+
+    emit({"event": "ready", "pid": os.getpid(), **_proc_status()})
+    threading.Thread(target=commands, daemon=True).start()
+    await stop.wait()
+    await operator.stop(graceful=True, timeout=30)
+    emit({"event": "stopped", **_proc_status()})
+
+
+# ================================================================== the benchmark side
+
+
+@dataclasses.dataclass
+class Stats:
+    """A snapshot of the operator process (see `_runner.snapshot`)."""
+
+    zenml_requests: int = 0
+    kube_writes: int = 0
+    counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    cpu: float = 0.0
+    rss: int = 0
+    hwm: int = 0
+
+    @classmethod
+    def parse(cls, data: Mapping[str, Any]) -> Stats:
+        return cls(
+            zenml_requests=data.get("zenml_requests", 0),
+            kube_writes=data.get("kube_writes", 0),
+            counts=dict(data.get("counts") or {}),
+            cpu=data.get("cpu", 0.0),
+            rss=data.get("VmRSS", 0),
+            hwm=data.get("VmHWM", 0),
+        )
+
+    def minus(self, before: Stats) -> Stats:
+        keys = set(self.counts) | set(before.counts)
+        return Stats(
+            zenml_requests=self.zenml_requests - before.zenml_requests,
+            kube_writes=self.kube_writes - before.kube_writes,
+            counts={
+                k: self.counts.get(k, 0) - before.counts.get(k, 0)
+                for k in keys
+                if self.counts.get(k, 0) != before.counts.get(k, 0)
+            },
+            cpu=self.cpu - before.cpu,
+            rss=self.rss,
+            hwm=self.hwm,
+        )
+
+
+class OperatorProcess:
+    """The operator in its own process (this file with --_runner), optionally under py-spy."""
+
+    def __init__(self, label: str, cfg: dict[str, Any], workdir: Path, profile: bool) -> None:
+        self.label = label
+        self.cfg = cfg
+        self.workdir = workdir
+        self.profile = profile
+        self.proc: asyncio.subprocess.Process | None = None
+        self.pid = 0
+        self.hwm = 0
+        self.start_rss = 0
+        self.log_path = workdir / f"operator-{label}.log"
+        self.profile_path = workdir / f"operator-{label}.pyspy.txt"
+
+    async def start(self) -> None:
+        command = [sys.executable, str(Path(__file__).resolve()), "--_runner"]
+        if self.profile:
+            pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+            command = [
+                pyspy, "record", "--format", "raw", "--rate", "97", "--nonblocking",
+                "-o", str(self.profile_path), "--", *command,
+            ]  # fmt: skip
+        env = dict(os.environ)
+        env["BENCH_RUNNER_CONFIG"] = json.dumps(self.cfg)  # holds the key: env, not argv
+        with self.log_path.open("ab") as log:
+            self.proc = await asyncio.create_subprocess_exec(
+                *command,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=log,
+                env=env,
+            )
+        ready = await self._read("ready", timeout=180)
+        self.pid = int(ready["pid"])
+        self.start_rss = int(ready.get("VmRSS", 0))
+
+    async def _read(self, event: str, timeout: float) -> dict[str, Any]:
+        assert self.proc is not None and self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"operator {self.label}: no {event!r} in {timeout:.0f} s")
+            line = await asyncio.wait_for(self.proc.stdout.readline(), remaining)
+            if not line:
+                raise RuntimeError(
+                    f"operator {self.label} exited (code {await self.proc.wait()}); "
+                    f"see {self.log_path}"
+                )
+            with contextlib.suppress(ValueError):
+                data = json.loads(line)
+                if isinstance(data, dict) and data.get("event") == event:
+                    return data
+
+    async def stats(self) -> Stats:
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write(b"stats\n")
+        await self.proc.stdin.drain()
+        stats = Stats.parse(await self._read("stats", timeout=60))
+        self.hwm = max(self.hwm, stats.hwm)
+        return stats
+
+    async def stop(self) -> None:
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        with contextlib.suppress(Exception):
+            self.hwm = max(self.hwm, (await self.stats()).hwm)
+        assert self.proc.stdin is not None
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            self.proc.stdin.write(b"stop\n")
+            await self.proc.stdin.drain()
+        try:
+            await asyncio.wait_for(self.proc.wait(), 60)
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100)."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def ready_condition(obj: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if not obj:
+        return None
+    generation = obj["metadata"].get("generation")
+    for cond in (obj.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "Ready" and cond.get("observedGeneration") == generation:
+            return cond
+    return None
+
+
+def is_ready(obj: Mapping[str, Any] | None) -> bool:
+    cond = ready_condition(obj)
+    return bool(cond and cond.get("status") == "True")
+
+
+def sa_body(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "zenml.io/v1alpha1",
+        "kind": "ServiceAccount",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {"apiKeys": [{"name": "k"}]},
+    }
+
+
+def rotation_body(name: str, sa_name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "zenml.io/v1alpha1",
+        "kind": "ApiKeyRotation",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {
+            "serviceAccountName": sa_name,
+            "apiKeyName": "k",
+            "period": "720h",
+            "retainPeriodMinutes": 60,
+        },
+    }
+
+
+def secret_key(secret: Mapping[str, Any] | None) -> str | None:
+    data = (secret or {}).get("data") or {}
+    raw = data.get("ZENML_STORE_API_KEY")
+    return base64.b64decode(raw).decode() if raw else None
+
+
+def machine_info() -> dict[str, str]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = "unknown"
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+    versions = {}
+    from importlib import metadata
+
+    for dist in ("kopf", "httpx", "kmock"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[dist] = metadata.version(dist)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "CPU": cpu,
+        "cores": str(cores),
+        "RAM": mem,
+        "Python": platform.python_version(),
+        "OS": f"{platform.system()} {platform.release()}",
+        "packages": ", ".join(f"{k} {v}" for k, v in versions.items()) + ", zenml 0.98.0 (server)",
+    }
+
+
+def load_average() -> str:
+    with contextlib.suppress(OSError):
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    return "?"
+
+
+def bench_emulator() -> Any:
+    """A `ClusterEmulator` whose request log stays short, and that counts requests instead.
+
+    kmock keeps every request it served and, to route each new one, scans that whole log once
+    per reaction it tries (``request in payload._source``): every request costs O(requests so
+    far, ~10 µs per reaction and logged request). Over a benchmark (tens of thousands of
+    requests) the emulator, not the operator, became the bottleneck (45 ms per GET with only
+    500 requests logged, 150+ ms later). This subclass keeps only the request being routed in
+    the log, and per-kind counts for the report.
+    """
+    from zenml_operator.devstack.kube_emulator import ClusterEmulator
+
+    class BenchEmulator(ClusterEmulator):  # type: ignore[misc,valid-type]
+        async def _handle(self, request: Any) -> Any:
+            counts = self.__dict__.setdefault("bench_counts", collections.Counter())
+            plural = getattr(request.resource, "plural", None) or "?"
+            sub = f"/{request.subresource}" if getattr(request, "subresource", None) else ""
+            method = str(getattr(request.method, "value", request.method))
+            action = str(getattr(request.action, "value", None) or method)
+            counts[f"{action} {plural}{sub}"] += 1
+            counts["write" if method not in ("GET", "HEAD") else "read"] += 1
+            # Routing runs synchronously up to the first real I/O wait, so the request being
+            # routed only needs to be in the log now: keep it alone (and bound the per-reaction
+            # logs, which only cost memory).
+            for log in (self._requests, *(getattr(p, "_requests", []) for p in self._payloads)):
+                if len(log) > 1:
+                    del log[:-1]
+            return await super()._handle(request)
+
+    return BenchEmulator()
+
+
+def kube_counts(emulator: Any) -> collections.Counter[str]:
+    return collections.Counter(emulator.__dict__.get("bench_counts") or {})
+
+
+class Bench:
+    """The driver: ZenML server, emulator, operator processes, baselines, the report."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.n: int = args.n
+        self.tag = uuid.uuid4().hex[:5]
+        self.rows: list[dict[str, Any]] = []
+        self.details: list[str] = []
+        self.notes: list[str] = []
+        self.peak_rss: list[tuple[str, int]] = []
+        self.idle_resync = 0.0
+
+    def say(self, text: str) -> None:
+        print(text, flush=True)
+
+    def detail(self, text: str) -> None:
+        self.details.append(text)
+        self.say(f"      {text}")
+
+    # --------------------------------------------------------------- set-up
+
+    async def run(self) -> int:
+        import httpx
+
+        from zenml_operator.devstack.kube_emulator import (
+            add_namespace,
+            declare_resources,
+            serve_emulator,
+        )
+        from zenml_operator.devstack.zenml_server import (
+            create_service_account_with_key,
+            find_zenml_python,
+            start_zenml_server,
+        )
+
+        args = self.args
+        self.machine = machine_info()
+        self.load_start = load_average()
+        workdir = Path(args.workdir or tempfile.mkdtemp(prefix="zenml-bench-")).resolve()
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = workdir
+        started = time.monotonic()
+        self.say(f"zenml-operator benchmark: N={self.n}, work dir {workdir}")
+        self.say("  machine: " + "; ".join(f"{k} {v}" for k, v in self.machine.items()))
+        self.say(f"  load average at start: {self.load_start}")
+
+        self.say("[setup] ZenML server (real, from .venv-zenml) ...")
+        self.zenml_python = find_zenml_python()
+        server = await asyncio.to_thread(start_zenml_server, workdir / "zenml")
+        self.server = server
+        try:
+            self.key = await asyncio.to_thread(
+                create_service_account_with_key,
+                server.url,
+                server.admin_password,
+                OPERATOR_ACCOUNT,
+            )
+            server.grant_admin(OPERATOR_ACCOUNT)
+            self.say(f"        ready at {server.url} (pid {server.process.pid})")
+
+            emulator = bench_emulator()
+            emulator.history_limit = max(emulator.history_limit, 40 * self.n + 10_000)
+            declare_resources(emulator)
+            add_namespace(emulator, NS)
+            self.emulator = emulator
+            url, stop_emulator = await serve_emulator(emulator)
+            self.kube_url = url
+            try:
+                async with httpx.AsyncClient(base_url=url, timeout=60.0, verify=False) as http:
+                    self.http = http
+                    await self.phases()
+            finally:
+                await stop_emulator()
+        finally:
+            await asyncio.to_thread(server.stop)
+        self.load_end = load_average()
+        self.elapsed = time.monotonic() - started
+        self.report()
+        if not args.keep and not args.workdir and not args.profile:
+            shutil.rmtree(workdir, ignore_errors=True)
+        return 0
+
+    def operator_cfg(self, resync: float) -> dict[str, Any]:
+        args = self.args
+        return {
+            "api_key": self.key,
+            "config": {
+                "zenml_url": self.server.url,
+                "kube_api_url": self.kube_url,
+                "resync_seconds": resync,
+                "zenml_timeout": args.zenml_timeout,
+                "zenml_max_connections": args.max_connections,
+                "retry_delay": args.retry_delay,
+            },
+            "kopf": {
+                "worker_limit": args.worker_limit,
+                "posting_worker_limit": args.posting_worker_limit,
+            },
+        }
+
+    def operator_limit(self) -> int:
+        """The operator's concurrency toward ZenML: its client's connection pool."""
+        if self.args.max_connections is not None:
+            return int(self.args.max_connections)
+        from zenml_operator.config import OperatorConfig
+
+        field = {f.name: f for f in dataclasses.fields(OperatorConfig)}.get("zenml_max_connections")
+        default = field.default if field is not None else 50
+        return int(default) if isinstance(default, int) else 50
+
+    def zenml_client(self, *, timeout: float) -> Any:
+        from zenml_operator.zenml_client import ZenMLClient
+
+        return ZenMLClient(
+            self.server.url,
+            self.key,
+            timeout=timeout,
+            max_connections=self.operator_limit(),
+        )
+
+    async def phases(self) -> None:
+        skip = set(self.args.skip or ())
+        op = OperatorProcess("main", self.operator_cfg(600.0), self.workdir, self.args.profile)
+        self.say("[setup] operator process (resync 600 s) ...")
+        await op.start()
+        self.say(f"        ready (pid {op.pid}, RSS {op.start_rss / MB:.0f} MB with 0 objects)")
+        try:
+            if "latency" not in skip:
+                await self.latency(op)
+            await self.throughput(op)
+            if "cli" not in skip:
+                await self.cli()
+            if "rotation" not in skip:
+                await self.rotation(op)
+        finally:
+            await op.stop()
+            self.peak_rss.append(("operator during create/rotate phases", op.hwm))
+        if "idle" not in skip:
+            await self.idle()
+        self.memory_row()
+
+    # --------------------------------------------------------------- 1. latency
+
+    async def latency(self, op: OperatorProcess) -> None:
+        from zenml_operator.zenml_client import login_with_api_key
+
+        runs, warmup = self.args.runs, 1
+        self.say(
+            f"[1/5] latency: one ServiceAccount + one key, {runs} runs each side (+{warmup}"
+            " warm-up), alternated"
+        )
+        client = self.zenml_client(timeout=60.0)
+        await client.current_user_name()  # warm: logged in, connection open
+        op_times: list[float] = []
+        op_secret: list[float] = []
+        script_times: list[float] = []
+        before = await op.stats()
+        try:
+            for i in range(warmup + runs):
+                # Operator: POST to the Kubernetes API, tight poll for the Secret, log in.
+                name = f"lat-{self.tag}-{i}"
+                t0 = time.perf_counter()
+                response = await self.http.post(SA_PATH, json=sa_body(name))
+                response.raise_for_status()
+                value = None
+                deadline = t0 + 120
+                while value is None:
+                    value = secret_key(self.emulator.get_object(SECRET_RES, NS, f"{name}-k"))
+                    if value is None:
+                        if time.perf_counter() > deadline:
+                            raise TimeoutError(f"no Secret for {name} in 120 s")
+                        await asyncio.sleep(0.001)
+                t_secret = time.perf_counter()
+                await login_with_api_key(self.server.url, value)
+                t1 = time.perf_counter()
+                await self.wait_ready_one(name)  # untimed: do not overlap the next run
+                # Script: warm client; create account, create key, log in with the key.
+                sname = f"lat-script-{self.tag}-{i}"
+                t2 = time.perf_counter()
+                account = await client.create_service_account(sname)
+                issued = await client.create_api_key(account.id, "k")
+                await login_with_api_key(self.server.url, issued.value.reveal())
+                t3 = time.perf_counter()
+                if i >= warmup:
+                    op_times.append(t1 - t0)
+                    op_secret.append(t_secret - t0)
+                    script_times.append(t3 - t2)
+        finally:
+            await client.aclose()
+        delta = (await op.stats()).minus(before)
+        op_med, sc_med = statistics.median(op_times), statistics.median(script_times)
+        op_p95, sc_p95 = percentile(op_times, 95), percentile(script_times, 95)
+        self.add_row(
+            "1. Latency, create → Secret's key logs in (median)",
+            f"{op_med * 1000:.0f} ms",
+            f"{sc_med * 1000:.0f} ms",
+            op_med / sc_med,
+            "≤ 1.3",
+            op_med / sc_med <= 1.3,
+            "operator ÷ script; script = warm logged-in client",
+        )
+        self.add_row(
+            "   Latency p95",
+            f"{op_p95 * 1000:.0f} ms",
+            f"{sc_p95 * 1000:.0f} ms",
+            op_p95 / sc_p95,
+            "",
+            None,
+            "",
+        )
+        self.detail(
+            f"operator: median {op_med * 1000:.0f} ms (Secret visible at "
+            f"{statistics.median(op_secret) * 1000:.0f} ms, then the login), p95 "
+            f"{op_p95 * 1000:.0f} ms, min {min(op_times) * 1000:.0f}, max "
+            f"{max(op_times) * 1000:.0f}, stdev {statistics.pstdev(op_times) * 1000:.0f} ms"
+        )
+        self.detail(
+            f"script:   median {sc_med * 1000:.0f} ms, p95 {sc_p95 * 1000:.0f} ms, min "
+            f"{min(script_times) * 1000:.0f}, max {max(script_times) * 1000:.0f}, stdev "
+            f"{statistics.pstdev(script_times) * 1000:.0f} ms"
+        )
+        per = warmup + runs
+        self.detail(
+            f"operator ZenML requests per ServiceAccount: {delta.zenml_requests / per:.1f} "
+            f"({self.count_summary(delta.counts, 'zenml ', per)}); script: 3 (create account, "
+            "create key, login)"
+        )
+
+    async def wait_ready_one(self, name: str, timeout: float = 120) -> None:
+        deadline = time.perf_counter() + timeout
+        while not is_ready(self.emulator.get_object(SA_RES, NS, name)):
+            if time.perf_counter() > deadline:
+                raise TimeoutError(f"{name} not Ready in {timeout} s")
+            await asyncio.sleep(0.01)
+
+    # --------------------------------------------------------------- 2. throughput
+
+    async def watch_until(
+        self, path: str, since: int, done: Callable[[dict[str, Any]], bool], count: int
+    ) -> tuple[float, int]:
+        """Follow a watch from resourceVersion `since`; return (time, how many) when `count`
+        distinct objects satisfied `done`, or at the timeout."""
+        finished: set[str] = set()
+        t_last = time.perf_counter()
+        timeout = self.args.phase_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                async with self.http.stream(
+                    "GET",
+                    path,
+                    params={"watch": "true", "resourceVersion": str(since)},
+                    timeout=None,
+                ) as response:
+                    async for line in response.aiter_lines():
+                        if not line.strip():
+                            continue
+                        event = json.loads(line)
+                        obj = event.get("object") or {}
+                        name = (obj.get("metadata") or {}).get("name")
+                        if name and name not in finished and done(obj):
+                            finished.add(name)
+                            t_last = time.perf_counter()
+                            if len(finished) >= count:
+                                break
+        except TimeoutError:
+            self.notes.append(f"watch on {path} timed out after {timeout:.0f} s")
+        return t_last, len(finished)
+
+    async def throughput(self, op: OperatorProcess) -> None:
+        n, limit = self.n, self.operator_limit()
+        self.say(
+            f"[2/5] throughput: {n} ServiceAccounts at once vs a REST loop (concurrency {limit})"
+        )
+        # Baseline first: a plain asyncio loop, same calls, same concurrency as the operator's
+        # ZenML client (its connection pool). A generous timeout: a script would not give up.
+        loop_client = self.zenml_client(timeout=600.0)
+        await loop_client.current_user_name()
+        errors = 0
+        self.loop_accounts: list[str] = []
+
+        async def one(i: int) -> None:
+            nonlocal errors
+            try:
+                account = await loop_client.create_service_account(f"tp-loop-{self.tag}-{i}")
+                await loop_client.create_api_key(account.id, "k")
+                self.loop_accounts.append(account.id)
+            except Exception:
+                errors += 1
+
+        server_cpu0 = _cpu_seconds(self.server.process.pid)
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(n)))
+        t_loop = time.perf_counter() - t0
+        server_cpu_loop = _cpu_seconds(self.server.process.pid) - server_cpu0
+        await loop_client.aclose()
+        self.detail(
+            f"REST loop: {n} accounts + keys in {t_loop:.1f} s ({n / t_loop:.2f}/s), "
+            f"{errors} errors; ZenML server CPU {server_cpu_loop:.1f} s"
+        )
+
+        # The operator: all N objects created in one synchronous step (one event-loop turn).
+        self.sa_names = [f"tp-{self.tag}-{i}" for i in range(n)]
+        before = await op.stats()
+        bench_cpu0, server_cpu0 = _cpu_seconds(), _cpu_seconds(self.server.process.pid)
+        since, req0 = self.emulator.resource_version, kube_counts(self.emulator)
+        t0 = time.perf_counter()
+        for name in self.sa_names:
+            self.emulator.create_object(SA_RES, sa_body(name), namespace=NS)
+        t_end, ready = await self.watch_until(SA_PATH, since, is_ready, n)
+        t_op = t_end - t0
+        delta = (await op.stats()).minus(before)
+        bench_cpu = _cpu_seconds() - bench_cpu0
+        server_cpu = _cpu_seconds(self.server.process.pid) - server_cpu0
+        self.throughput_op = (ready, t_op)
+        reasons = self.event_reasons(since)
+        self.detail(
+            f"operator: {ready}/{n} Ready in {t_op:.1f} s ({ready / t_op:.2f}/s); CPU: operator "
+            f"{delta.cpu:.1f} s, ZenML server {server_cpu:.1f} s, emulator+benchmark "
+            f"{bench_cpu:.1f} s"
+        )
+        self.detail(
+            f"operator ZenML requests per object: {delta.zenml_requests / n:.2f} "
+            f"({self.count_summary(delta.counts, 'zenml ', n)})"
+        )
+        self.detail(f"kube requests per object: {self.kube_summary(req0, n)}")
+        if reasons:
+            self.detail(
+                "Events during the phase: " + ", ".join(f"{k} {v}" for k, v in reasons.items())
+            )
+        op_rate, loop_rate = ready / t_op, n / t_loop
+        self.add_row(
+            f"2. Throughput, {n} ServiceAccounts at once → all Ready",
+            f"{op_rate:.2f}/s ({t_op:.0f} s)",
+            f"{loop_rate:.2f}/s ({t_loop:.0f} s)",
+            op_rate / loop_rate,
+            "≥ 0.8",
+            ready == n and op_rate / loop_rate >= 0.8,
+            f"REST loop, same calls, concurrency {limit}",
+        )
+        await self.check_logins(self.sa_names[:: max(1, n // 5)][:5], "throughput")
+
+    async def check_logins(self, names: Iterable[str], what: str) -> None:
+        from zenml_operator.zenml_client import login_with_api_key
+
+        checked = failed = 0
+        for name in names:
+            value = secret_key(self.emulator.get_object(SECRET_RES, NS, f"{name}-k"))
+            checked += 1
+            try:
+                if value is None:
+                    raise ValueError("no key")
+                await login_with_api_key(self.server.url, value)
+            except Exception:
+                failed += 1
+        self.detail(f"{what}: {checked - failed}/{checked} sampled Secrets log in to ZenML")
+        if failed:
+            self.notes.append(f"{what}: {failed} of {checked} sampled Secret keys did NOT log in")
+
+    def event_reasons(self, since: int) -> dict[str, int]:
+        """Reasons of the Kubernetes Events posted since resourceVersion `since`."""
+        counter: collections.Counter[str] = collections.Counter()
+        for event in self.emulator.list_objects("v1/events", namespace=NS):
+            rv = int(event["metadata"].get("resourceVersion") or 0)
+            if rv > since:
+                counter[f"{event.get('type', '?')}/{event.get('reason', '?')}"] += 1
+        return dict(counter.most_common())
+
+    def kube_summary(self, start: collections.Counter[str], per: float) -> str:
+        """Kubernetes requests the emulator served since the `start` counts, per object."""
+        counter = kube_counts(self.emulator)
+        counter.subtract(start)
+        kinds = [(k, v) for k, v in counter.most_common() if v > 0 and k not in ("read", "write")]
+        return ", ".join(f"{k} {v / per:.2f}" for k, v in kinds[:10]) or "none"
+
+    def count_summary(self, counts: Mapping[str, int], prefix: str, per: int) -> str:
+        items = sorted(
+            ((k[len(prefix) :], v) for k, v in counts.items() if k.startswith(prefix)),
+            key=lambda kv: -kv[1],
+        )
+        return ", ".join(f"{k} {v / per:.2f}" for k, v in items) or "none"
+
+    # --------------------------------------------------------------- 2b. CLI
+
+    async def cli(self) -> None:
+        runs = self.args.cli_runs
+        zenml_bin = str(Path(self.zenml_python).parent / "zenml")
+        self.say(f"[2/5] throughput: `zenml service-account create`, {runs} timed runs (+1)")
+        config_dir = self.workdir / "cli-config"
+        config_dir.mkdir(exist_ok=True)
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("ZENML_") and k not in ("PYTHONPATH", "VIRTUAL_ENV")
+        }
+        # Non-interactive: the documented env login with the operator's (admin) API key.
+        env.update(
+            ZENML_STORE_URL=self.server.url,
+            ZENML_STORE_API_KEY=self.key,
+            ZENML_CONFIG_PATH=str(config_dir),
+            ZENML_ANALYTICS_OPT_IN="false",
+        )
+
+        def one(i: int) -> float:
+            t0 = time.perf_counter()
+            done = subprocess.run(
+                [zenml_bin, "service-account", "create", f"cli-{self.tag}-{i}"],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,  # it prints the key: never show it
+                stderr=subprocess.DEVNULL,
+                check=False,
+            )
+            if done.returncode != 0:
+                raise RuntimeError(f"zenml service-account create failed ({done.returncode})")
+            return time.perf_counter() - t0
+
+        await asyncio.to_thread(one, -1)  # first run initialises the CLI's global config
+        times = [await asyncio.to_thread(one, i) for i in range(runs)]
+        mean = statistics.mean(times)
+        n = self.n
+        ready, t_op = self.throughput_op
+        op_rate, cli_rate = ready / t_op, 1 / mean
+        self.detail(
+            f"CLI: mean {mean:.2f} s per account (min {min(times):.2f}, max {max(times):.2f});"
+            f" extrapolated to {n}: {n * mean:.0f} s"
+        )
+        self.add_row(
+            f"   Throughput vs `zenml service-account create` x{n}",
+            f"{op_rate:.2f}/s ({t_op:.0f} s)",
+            f"{cli_rate:.2f}/s ({n * mean:.0f} s, extrapolated)",
+            op_rate / cli_rate,
+            "≥ 20",
+            op_rate / cli_rate >= 20,
+            f"CLI: {runs} sequential runs, env login (ZENML_STORE_URL/API_KEY)",
+        )
+
+    # --------------------------------------------------------------- 5. rotation
+
+    async def rotation(self, op: OperatorProcess) -> None:
+        n, limit = self.n, self.operator_limit()
+        self.say(f"[5/5] rotation fan-out: {n} keys due at once vs a loop of key creates")
+        # Baseline: a plain loop of N key creates (what a rotation costs ZenML), same limit.
+        client = self.zenml_client(timeout=600.0)
+        await client.current_user_name()
+        errors = 0
+
+        async def one(account_id: str) -> None:
+            nonlocal errors
+            try:
+                await client.create_api_key(account_id, "k.r1")
+            except Exception:
+                errors += 1
+
+        accounts = self.loop_accounts[:n]
+        server_cpu0 = _cpu_seconds(self.server.process.pid)
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(a) for a in accounts))
+        t_loop = time.perf_counter() - t0
+        server_cpu_loop = _cpu_seconds(self.server.process.pid) - server_cpu0
+        await client.aclose()
+        self.detail(
+            f"key-create loop: {len(accounts)} keys in {t_loop:.1f} s "
+            f"({len(accounts) / t_loop:.2f}/s), {errors} errors; ZenML server CPU "
+            f"{server_cpu_loop:.1f} s"
+        )
+
+        # Set-up (timed apart): N ApiKeyRotations, each converged (Ready, Scheduled).
+        names = [f"rot-{self.tag}-{i}" for i in range(n)]
+        since = self.emulator.resource_version
+        t0 = time.perf_counter()
+        for name, sa_name in zip(names, self.sa_names, strict=True):
+            self.emulator.create_object(ROT_RES, rotation_body(name, sa_name), namespace=NS)
+        t_setup, scheduled = await self.watch_until(ROT_PATH, since, is_ready, n)
+        self.detail(
+            f"set-up: {scheduled}/{n} ApiKeyRotations Ready (Scheduled) in {t_setup - t0:.1f} s"
+        )
+        old_ids = {}
+        for sa_name in self.sa_names:
+            secret = self.emulator.get_object(SECRET_RES, NS, f"{sa_name}-k") or {}
+            old_ids[f"{sa_name}-k"] = (secret.get("metadata", {}).get("annotations") or {}).get(
+                ANN_KEY_ID
+            )
+
+        def rotated(secret: dict[str, Any]) -> bool:
+            meta = secret.get("metadata") or {}
+            name = meta.get("name")
+            if name not in old_ids:
+                return False
+            new_id = (meta.get("annotations") or {}).get(ANN_KEY_ID)
+            return bool(new_id) and new_id != old_ids[name] and secret_key(secret) is not None
+
+        # The fan-out: every rotation asked for one rotation now (the on-demand annotation).
+        before = await op.stats()
+        server_cpu0, bench_cpu0 = _cpu_seconds(self.server.process.pid), _cpu_seconds()
+        since, req0 = self.emulator.resource_version, kube_counts(self.emulator)
+        patch = {"metadata": {"annotations": {ROTATE_ANNOTATION: f"bench-{self.tag}"}}}
+        t0 = time.perf_counter()
+        watcher = asyncio.create_task(self.watch_until(SECRET_PATH, since, rotated, n))
+        sem = asyncio.Semaphore(50)
+
+        async def annotate(name: str) -> None:
+            async with sem:
+                response = await self.http.patch(
+                    f"{ROT_PATH}/{name}",
+                    json=patch,
+                    headers={"Content-Type": "application/merge-patch+json"},
+                )
+                response.raise_for_status()
+
+        await asyncio.gather(*(annotate(name) for name in names))
+        t_end, done = await watcher
+        t_op = t_end - t0
+        delta = (await op.stats()).minus(before)
+        server_cpu = _cpu_seconds(self.server.process.pid) - server_cpu0
+        bench_cpu = _cpu_seconds() - bench_cpu0
+        self.detail(
+            f"operator: {done}/{n} Secrets hold a new key in {t_op:.1f} s ({done / t_op:.2f}/s);"
+            f" CPU: operator {delta.cpu:.1f} s, ZenML server {server_cpu:.1f} s, "
+            f"emulator+benchmark {bench_cpu:.1f} s"
+        )
+        self.detail(
+            f"operator ZenML requests per rotation: {delta.zenml_requests / n:.2f} "
+            f"({self.count_summary(delta.counts, 'zenml ', n)})"
+        )
+        self.detail(f"kube requests per rotation: {self.kube_summary(req0, n)}")
+        reasons = self.event_reasons(since)
+        if reasons:
+            self.detail(
+                "Events during the phase: " + ", ".join(f"{k} {v}" for k, v in reasons.items())
+            )
+        await self.check_logins(self.sa_names[:: max(1, n // 5)][:5], "rotation")
+        op_rate, loop_rate = done / t_op, len(accounts) / t_loop
+        self.add_row(
+            f"5. Rotation fan-out, {n} keys due at once → Secrets hold new keys",
+            f"{op_rate:.2f}/s ({t_op:.0f} s)",
+            f"{loop_rate:.2f}/s ({t_loop:.0f} s)",
+            op_rate / loop_rate,
+            "≥ 0.8",
+            done == n and op_rate / loop_rate >= 0.8,
+            f"loop of ZenML key creates, concurrency {limit}",
+        )
+        self.rotations = n
+
+    # --------------------------------------------------------------- 3. idle
+
+    async def idle(self) -> None:
+        intervals = self.args.idle_intervals
+        n_sa = len(self.sa_names) + (self.args.runs + 1 if "latency" not in self.skip else 0)
+        n_rot = getattr(self, "rotations", 0)
+        resync = self.args.resync
+        if resync is None:
+            # Short, but within what one ZenML server serves (~40 small GETs/s on 2 cores): a
+            # resync of 2 reads per ServiceAccount and 1 per rotation at ~50% of that. A shorter
+            # interval measures an overloaded server (timeouts, Ready flapping), not idle cost.
+            resync = max(5.0, float(math.ceil((2 * n_sa + n_rot) / 20)))
+        self.say(
+            f"[3/5] idle cost: fresh operator, resync {resync:g} s, {n_sa} ServiceAccounts + "
+            f"{n_rot} ApiKeyRotations converged; {intervals} intervals measured"
+        )
+        self.idle_resync = resync
+        op = OperatorProcess("idle", self.operator_cfg(resync), self.workdir, self.args.profile)
+        t_start = time.perf_counter()
+        await op.start()
+        try:
+            # Let the start-up wave (resume handlers, daemons) and the first resync pass end.
+            deadline = time.perf_counter() + self.args.phase_timeout
+            while True:
+                stats = await op.stats()
+                sa_runs = stats.counts.get("reconcile serviceaccount", 0)
+                rot_runs = stats.counts.get("reconcile rotation", 0)
+                if sa_runs >= 2 * n_sa and rot_runs >= 2 * n_rot:
+                    break
+                if time.perf_counter() > deadline:
+                    self.notes.append("idle: the first resync pass did not finish in time")
+                    break
+                await asyncio.sleep(0.5)
+            self.detail(
+                f"start-up wave + first resync done {time.perf_counter() - t_start:.1f} s after"
+                " start"
+            )
+            before = await op.stats()
+            rv0, req0 = self.emulator.resource_version, kube_counts(self.emulator)
+            server_cpu0 = _cpu_seconds(self.server.process.pid)
+            t0 = time.perf_counter()
+            await asyncio.sleep(resync * intervals)
+            after = await op.stats()
+            window = time.perf_counter() - t0
+            delta = after.minus(before)
+            rv1 = self.emulator.resource_version
+            server_cpu = _cpu_seconds(self.server.process.pid) - server_cpu0
+            kube_delta = kube_counts(self.emulator)
+            kube_delta.subtract(req0)
+            changes = [
+                self.describe_change(c)
+                for c in list(getattr(self.emulator, "_history", ()))
+                if rv0 < c.rv <= rv1
+            ]
+        finally:
+            await op.stop()
+            self.peak_rss.append(("operator in the idle phase (start-up wave + resyncs)", op.hwm))
+        cycles = window / resync
+        kube_writes = rv1 - rv0
+        if changes:
+            shown = collections.Counter(changes)
+            self.detail(
+                "Kubernetes changes in the idle window: "
+                + "; ".join(f"{k} x{v}" for k, v in shown.most_common(8))
+            )
+        kube_write_requests = kube_delta["write"]
+        sa_runs = delta.counts.get("reconcile serviceaccount", 0)
+        rot_runs = delta.counts.get("reconcile rotation", 0)
+
+        def zenml_reads(kind: str) -> int:
+            return sum(v for k, v in delta.counts.items() if k.startswith(f"zenml {kind} GET "))
+
+        def zenml_all(kind: str) -> int:
+            return sum(v for k, v in delta.counts.items() if k.startswith(f"zenml {kind} "))
+
+        # Per resync run (each object runs once per interval when the operator keeps up), and
+        # per object per elapsed interval (lower when it does not keep up).
+        sa_reads = zenml_reads("serviceaccount") / max(1, sa_runs)
+        rot_reads = zenml_reads("rotation") / max(1, rot_runs) if n_rot else 0.0
+        sa_interval = zenml_reads("serviceaccount") / max(1, n_sa) / cycles
+        rot_interval = zenml_reads("rotation") / max(1, n_rot) / cycles if n_rot else 0.0
+        self.detail(
+            f"window {window:.1f} s = {cycles:.2f} intervals; reconciles per object per "
+            f"interval: ServiceAccount {sa_runs / max(1, n_sa) / cycles:.2f}, ApiKeyRotation "
+            f"{rot_runs / max(1, n_rot) / cycles:.2f}" + ("" if n_rot else " (none)")
+        )
+        self.detail(
+            f"ZenML per ServiceAccount resync: "
+            f"{self.count_summary(delta.counts, 'zenml serviceaccount ', max(1, sa_runs))}"
+        )
+        if n_rot:
+            self.detail(
+                f"ZenML per ApiKeyRotation look: "
+                f"{self.count_summary(delta.counts, 'zenml rotation ', max(1, rot_runs))}"
+            )
+        non_get = (
+            zenml_all("serviceaccount")
+            + zenml_all("rotation")
+            - (zenml_reads("serviceaccount") + zenml_reads("rotation"))
+        )
+        self.detail(
+            f"ZenML requests in the window: {delta.zenml_requests} total, {non_get} not GET; "
+            f"ZenML server CPU {server_cpu:.1f} s ({server_cpu / window * 100:.0f}% of a core);"
+            f" operator CPU {delta.cpu:.1f} s ({delta.cpu / window * 100:.0f}% of a core)"
+        )
+        per_obj = max(1, n_sa + n_rot) * cycles
+        self.detail("kube requests per object per interval: " + self.kube_summary(req0, per_obj))
+        self.add_row(
+            f"3. Idle: Kubernetes writes per resync interval ({n_sa + n_rot} objects)",
+            f"{kube_writes / cycles:.1f}",
+            "0",
+            None,
+            "0",
+            kube_writes == 0 and kube_write_requests == 0,
+            f"resourceVersion delta {kube_writes}, write requests {kube_write_requests}, "
+            f"over {cycles:.1f} intervals of {resync:g} s",
+        )
+        self.add_row(
+            "   Idle: ZenML reads per ServiceAccount per resync",
+            f"{sa_reads:.2f}",
+            "1",
+            None,
+            "≤ 1",
+            sa_reads <= 1.0,
+            f"{sa_interval:.2f} per object per elapsed interval; "
+            f"{sa_runs / max(1, n_sa) / cycles:.2f} resyncs per object per interval",
+        )
+        if n_rot:
+            self.add_row(
+                "   Idle: ZenML reads per ApiKeyRotation per resync",
+                f"{rot_reads:.2f}",
+                "1",
+                None,
+                "≤ 1",
+                rot_reads <= 1.0,
+                f"{rot_interval:.2f} per object per elapsed interval; the daemon wakes every"
+                " resync interval",
+            )
+
+    def describe_change(self, change: Any) -> str:
+        """One emulator change, for the idle report: kind, event, and the Ready reason."""
+        obj = change.event.get("object") or {}
+        kind = getattr(change.resource, "plural", "?")
+        what = f"{kind} {change.event.get('type')}"
+        if kind == "events":
+            return f"{what} {obj.get('type')}/{obj.get('reason')}"
+        cond = ready_condition(obj)
+        if cond:
+            what += f" Ready={cond.get('status')}/{cond.get('reason')}"
+        return what
+
+    # --------------------------------------------------------------- 4. memory
+
+    def memory_row(self) -> None:
+        if not self.peak_rss:
+            return
+        peak = max(v for _, v in self.peak_rss)
+        for what, value in self.peak_rss:
+            self.detail(f"peak RSS, {what}: {value / MB:.0f} MB")
+        at_target = self.n >= 1000
+        self.add_row(
+            f"4. Memory: operator peak RSS at N={self.n}",
+            f"{peak / MB:.0f} MB",
+            "",
+            None,
+            "≤ 150 MB at N=1000",
+            (peak <= 150 * MB) if at_target else None,
+            "VmHWM of the operator process"
+            + ("" if at_target else "; the target is for N=1000: run with --large"),
+        )
+
+    # --------------------------------------------------------------- the report
+
+    @property
+    def skip(self) -> set[str]:
+        return set(self.args.skip or ())
+
+    def add_row(
+        self,
+        figure: str,
+        operator: str,
+        baseline: str,
+        ratio: float | None,
+        target: str,
+        met: bool | None,
+        note: str,
+    ) -> None:
+        self.rows.append(
+            {
+                "figure": figure,
+                "operator": operator,
+                "baseline": baseline,
+                "ratio": "" if ratio is None else f"{ratio:.2f}",
+                "target": target,
+                "met": "" if met is None else ("yes" if met else "NO"),
+                "note": note,
+            }
+        )
+
+    def report(self) -> None:
+        columns = [
+            ("figure", "figure"),
+            ("operator", "operator"),
+            ("baseline", "baseline"),
+            ("ratio", "ratio"),
+            ("target", "target"),
+            ("met", "met"),
+        ]
+        widths = {
+            key: max(len(title), *(len(r[key]) for r in self.rows)) if self.rows else len(title)
+            for key, title in columns
+        }
+        self.say("")
+        self.say(f"Results (N={self.n}, {self.elapsed:.0f} s in all)")
+        header = "  ".join(title.ljust(widths[key]) for key, title in columns)
+        self.say(header)
+        self.say("-" * len(header))
+        for row in self.rows:
+            self.say("  ".join(row[key].ljust(widths[key]) for key, _ in columns))
+            if row["note"]:
+                self.say(" " * 4 + f"({row['note']})")
+        self.say("")
+        self.say("Machine: " + "; ".join(f"{k} {v}" for k, v in self.machine.items()))
+        self.say(f"Load average: {self.load_start} at start, {self.load_end} at the end")
+        for note in self.notes:
+            self.say(f"NOTE: {note}")
+        knobs = self.knobs()
+        self.say(f"Operator settings: {knobs}")
+        self.say("")
+        self.say("Markdown:")
+        self.say("")
+        self.say(
+            f"Measured with `tests/bench/benchmark.py --n {self.n}` on {self.machine['CPU']}, "
+            f"{self.machine['cores']} cores, {self.machine['RAM']} RAM, Python "
+            f"{self.machine['Python']}; real ZenML 0.98.0 server (sqlite) and the operator on "
+            f"the same machine, emulated Kubernetes API; load average {self.load_start} at start."
+        )
+        self.say("")
+        self.say("| figure | operator | baseline | ratio | target | met | baseline / note |")
+        self.say("|---|---|---|---|---|---|---|")
+        for r in self.rows:
+            cells = [r["figure"].strip(), r["operator"], r["baseline"], r["ratio"]]
+            cells += [r["target"], r["met"], r["note"]]
+            self.say("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        self.say("")
+        self.say(f"Operator settings: {knobs}.")
+        if self.args.json:
+            Path(self.args.json).write_text(
+                json.dumps(
+                    {
+                        "n": self.n,
+                        "machine": self.machine,
+                        "rows": self.rows,
+                        "details": self.details,
+                        "notes": self.notes,
+                        "load": [self.load_start, self.load_end],
+                        "settings": knobs,
+                    },
+                    indent=2,
+                )
+            )
+
+    def knobs(self) -> str:
+        a = self.args
+        return (
+            f"ZenML concurrency (connection pool) {self.operator_limit()}, ZenML timeout "
+            f"{a.zenml_timeout if a.zenml_timeout is not None else 'default'} s, retry delay "
+            f"{a.retry_delay if a.retry_delay is not None else 'default'} s, Kopf "
+            f"queueing.worker_limit {a.worker_limit}, posting.worker_limit "
+            f"{a.posting_worker_limit}; resync 600 s"
+            + (f" except the idle phase ({self.idle_resync:g} s)" if self.idle_resync else "")
+        )
+
+
+# ================================================================== command line
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="benchmark.py",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--n", type=int, default=200, help="objects for throughput/rotation/idle")
+    p.add_argument("--large", action="store_true", help="N=1000 (the memory target's size)")
+    p.add_argument("--runs", type=int, default=20, help="latency runs per side")
+    p.add_argument("--cli-runs", type=int, default=10, help="timed runs of the zenml CLI")
+    p.add_argument(
+        "--resync",
+        type=float,
+        default=None,
+        help="resync interval of the idle phase (default: 5 s, longer when the ZenML server"
+        " could not serve one resync of every object in half of it)",
+    )
+    p.add_argument("--idle-intervals", type=int, default=2, help="resync intervals measured")
+    p.add_argument(
+        "--skip",
+        type=lambda s: [x for x in s.split(",") if x],
+        default=[],
+        help="comma list of: latency, cli, rotation, idle",
+    )
+    p.add_argument("--max-connections", type=int, default=None, help="operator's ZenML pool")
+    p.add_argument("--zenml-timeout", type=float, default=None, help="operator's ZenML timeout")
+    p.add_argument("--retry-delay", type=float, default=None, help="operator's retry delay")
+    p.add_argument("--worker-limit", type=int, default=None, help="Kopf queueing.worker_limit")
+    p.add_argument(
+        "--posting-worker-limit", type=int, default=None, help="Kopf posting.worker_limit"
+    )
+    p.add_argument("--phase-timeout", type=float, default=1800.0, help="give up a phase after")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="run the operator under py-spy (pip install py-spy); summaries at the end",
+    )
+    p.add_argument("--workdir", default=None, help="keep data here (default: a temp dir)")
+    p.add_argument("--keep", action="store_true", help="keep the temp work dir")
+    p.add_argument("--json", default=None, help="also write the results as JSON here")
+    return p
+
+
+def summarise_pyspy(path: Path, top: int = 25) -> list[str]:
+    """Self and inclusive time per function from py-spy's raw (collapsed) output."""
+    if not path.exists():
+        return [f"(no profile at {path})"]
+    own: collections.Counter[str] = collections.Counter()
+    incl: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        total += count
+        frames = stack.split(";")
+        # "func (path/to/module.py:123)" -> "func (module.py)": whole functions, short paths.
+        names = [re.sub(r"\(([^)]*/)?([^/:)]+)(:[0-9]+)?\)", r"(\2)", f) for f in frames]
+        own[names[-1]] += count
+        for name in set(names):
+            incl[name] += count
+    lines = [f"{total} samples (active only)"]
+    lines.append("self:")
+    lines += [f"  {v / total * 100:5.1f}%  {k}" for k, v in own.most_common(top)]
+    lines.append("inclusive (frames under 90%, i.e. below the event loop):")
+    chosen = [(k, v) for k, v in incl.most_common() if v < 0.9 * total]
+    lines += [f"  {v / total * 100:5.1f}%  {k}" for k, v in chosen[:top]]
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--_runner"]:
+        return runner_main()
+    args = parser().parse_args(argv)
+    if args.large:
+        args.n = max(args.n, 1000)
+    bench = Bench(args)
+    code = asyncio.run(bench.run())
+    if args.profile:
+        for label in ("main", "idle"):
+            print(f"\npy-spy profile of the operator, phase group {label!r}:")
+            for line in summarise_pyspy(bench.workdir / f"operator-{label}.pyspy.txt"):
+                print(line)
+        print(f"(raw profiles in {bench.workdir})")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

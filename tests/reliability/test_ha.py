@@ -1,0 +1,233 @@
+"""HA: two operators against one cluster, coordinated by Kopf peering, never rotate twice.
+
+Both run the whole operator (`build_registry`) with peering as the chart sets it up for
+replicaCount > 1 (`--peering <name>`: mandatory peering, a KopfPeering object per watched
+namespace, different priorities). The leader does all the work; the standby is paused. Checks:
+- the rotation count grows by exactly one per period, each count is written once, and every
+  rotated key that was created is the one that got into the Secret (no key created twice for
+  one rotation, no orphan), and only the leader created them;
+- the leader stops (killed): the standby takes over and the next rotations still happen;
+- every Kubernetes request of both operators, peering included, is allowed by the RBAC the
+  chart renders for replicaCount 2 in namespaced mode.
+
+`BackgroundOperator` always passes `standalone=True` to `kopf.spawn_tasks()` (which overrides
+`settings.peering.standalone`), so the test runs a subclass that passes the settings' value.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import itertools
+from pathlib import Path
+from typing import Any
+
+import kopf
+import yaml
+
+from reliability.helpers import NS, unique
+from reliability.test_rbac import bindings, observed, render
+from zenml_operator import zenml_client as zc
+from zenml_operator.config import OperatorConfig
+from zenml_operator.devstack import kopf_runner
+from zenml_operator.devstack.kube_emulator import declare_resources
+from zenml_operator.main import build_registry
+
+PEERING_CRDS = (
+    Path(__file__).resolve().parents[2] / "charts" / "zenml-operator" / "crds"
+) / "kopf.dev_peerings.yaml"
+PEERING = "zenml-operator"
+WATCHED = ["default", "team-a"]
+PERIOD = 3.0  # seconds (the CRD's CEL says >= 5m; the operator itself accepts any)
+SA = "zenml.io/v1alpha1/serviceaccounts"
+ROT = "zenml.io/v1alpha1/apikeyrotations"
+
+
+class PeeringOperator(kopf_runner.BackgroundOperator):
+    """A BackgroundOperator that keeps the peering mode of its settings."""
+
+    async def _run(self) -> None:
+        saved = kopf_runner._save_signal_handlers()
+        try:
+            tasks = self._root_tasks = await kopf.spawn_tasks(
+                registry=self.registry,
+                settings=self.settings,
+                namespaces=self.namespaces,
+                clusterwide=not self.namespaces,
+                standalone=self.settings.peering.standalone,
+                memo=self.memo,
+                ready_flag=self._ready_flag,
+                stop_flag=self._stop_flag,
+                insights=self._insights,
+                vault=self._vault,
+            )
+            kopf_runner._restore_signal_handlers(saved)
+            await kopf.run_tasks(tasks, ignored=kopf_runner._ForeignTasks(self._tasks))
+        finally:
+            kopf_runner._restore_signal_handlers(saved)
+
+
+def peering(priority: int):
+    def hook(settings: kopf.OperatorSettings) -> None:
+        settings.peering.standalone = False
+        settings.peering.mandatory = True  # what `--peering NAME` sets: start paused
+        settings.peering.name = PEERING
+        settings.peering.priority = priority
+        settings.peering.lifetime = 10
+
+    return hook
+
+
+async def test_two_operators_never_rotate_twice(
+    cluster, zenml_server, operator_api_key, zenml_client, operator_login_cached, capsys
+) -> None:
+    emulator = cluster.emulator
+    declare_resources(emulator, crds=list(yaml.safe_load_all(PEERING_CRDS.read_text())))
+    for ns in WATCHED:
+        emulator.create_object(
+            "kopf.dev/v1/kopfpeerings", {"metadata": {"name": PEERING, "namespace": ns}}
+        )
+    creates: dict[str, list[str]] = {"leader": [], "standby": []}
+    operators = {}
+    try:
+        for role, priority in (("leader", 200), ("standby", 100)):
+            operators[role] = await _start(cluster, zenml_server, operator_api_key, priority)
+            _count_creates(operators[role].memo, creates[role])
+        await cluster.wait_for(lambda: _peers(emulator) == 2, timeout=10, message="two peers")
+        await _scenario(cluster, zenml_client, operators, creates, capsys)
+    finally:
+        for operator in operators.values():
+            await operator.stop()
+
+
+async def _start(cluster, zenml_server, key: str, priority: int) -> PeeringOperator:
+    config = OperatorConfig(
+        zenml_url=zenml_server.url,
+        zenml_api_key=lambda: key,
+        kube_api_url=cluster.url,
+        retry_delay=0.3,
+        zenml_retries=1,
+    )
+    operator = PeeringOperator(
+        registry=build_registry(config),
+        namespaces=WATCHED,
+        settings=kopf_runner.make_settings(peering(priority)),
+        memo=kopf.Memo(),
+    )
+    await operator.start()
+    await operator.wait_ready()
+    return operator
+
+
+def _count_creates(memo: Any, log: list[str]) -> None:
+    """Wrap the operator's own ZenML client (made by the startup handler) to log key creates."""
+
+    async def wait_and_wrap() -> None:
+        while getattr(memo, "zenml", None) is None:
+            await asyncio.sleep(0.01)
+        create = memo.zenml.create_api_key
+
+        async def counted(account_id: str, name: str, **kwargs: Any) -> zc.IssuedApiKey:
+            issued = await create(account_id, name, **kwargs)
+            if ".r" in name:  # a rotated generation (not the ServiceAccount's first key)
+                log.append(issued.info.id)
+            return issued
+
+        memo.zenml.create_api_key = counted
+
+    memo.wrapping = asyncio.ensure_future(wait_and_wrap())
+
+
+def _peers(emulator: Any) -> int:
+    obj = emulator.get_object("kopf.dev/v1/kopfpeerings", NS, PEERING) or {}
+    return len(obj.get("status") or {})
+
+
+def _rotations(emulator: Any, secret: str) -> list[tuple[int, str, str]]:
+    """(rotation count, key id, issued-at) of every Secret version that changed the count."""
+    seen: list[tuple[int, str, str]] = []
+    for change in emulator._history:
+        if change.resource.plural != "secrets" or change.name != secret:
+            continue
+        ann = change.event["object"]["metadata"].get("annotations") or {}
+        count = int(ann.get("zenml.io/rotation-count", "0"))
+        if count and (not seen or seen[-1][0] != count):
+            seen.append((count, ann["zenml.io/api-key-id"], ann["zenml.io/issued-at"]))
+    return seen
+
+
+async def _scenario(cluster, zenml_client, operators, creates, capsys) -> None:
+    emulator = cluster.emulator
+    name = unique("ha")
+    secret = f"{name}-main"
+    emulator.create_object(
+        SA, {"metadata": {"name": name, "namespace": NS}, "spec": {"apiKeys": [{"name": "main"}]}}
+    )
+    await cluster.wait_for(lambda: emulator.get_object("v1/secrets", NS, secret), timeout=20)
+    emulator.create_object(
+        ROT,
+        {
+            "metadata": {"name": name, "namespace": NS},
+            "spec": {
+                "serviceAccountName": name,
+                "apiKeyName": "main",
+                "period": f"{PERIOD:g}s",
+                "retainPeriodMinutes": 0,
+            },
+        },
+    )
+    await cluster.wait_for(lambda: len(_rotations(emulator, secret)) >= 3, timeout=6 * PERIOD)
+    assert creates["standby"] == [], "the paused standby created keys"
+    by_leader = len(_rotations(emulator, secret))
+
+    # The leader dies; the standby takes over and the schedule goes on.
+    await operators["leader"].kill()
+    await cluster.wait_for(
+        lambda: len(_rotations(emulator, secret)) >= by_leader + 2,
+        timeout=15 + 4 * PERIOD,
+        message="rotations by the standby",
+    )
+    await operators["standby"].stop()  # freeze the state for the checks
+
+    rotations = _rotations(emulator, secret)
+    counts = [c for c, _, _ in rotations]
+    assert counts == list(range(1, len(counts) + 1)), counts  # each count written once
+    times = [datetime.datetime.fromisoformat(t.replace("Z", "+00:00")) for _, _, t in rotations]
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(times)]
+    # one rotation per period, never two in one (issued-at has whole seconds)
+    assert all(gap >= PERIOD - 1 for gap in gaps), gaps
+    # Every rotated key created is the one its rotation wrote: none created twice.
+    written = [key_id for _, key_id, _ in rotations]
+    made = creates["leader"] + creates["standby"]
+    assert sorted(made) == sorted(written), (made, written)
+    assert creates["standby"], "the standby never took over"
+    account = await zenml_client.get_service_account(name)
+    family = [k for k in await zenml_client.list_api_keys(account.id) if k.name.startswith("main")]
+    # Retention 0: the current key is the only active one (the previous one, if still there,
+    # is deactivated until the next rotation deletes it).
+    assert [k.id for k in family if k.active] == [written[-1]], family
+    assert len(family) <= 2, family
+
+    # The requests of both operators, peering included, against the chart's replicas-2 RBAC.
+    values = {
+        "zenml": {"url": "https://z.example.com", "existingSecret": {"name": "c"}},
+        "replicaCount": 2,
+        "rbac": {"scope": "namespaced"},
+        "watchNamespaces": WATCHED,
+    }
+    cluster_wide, per_namespace = bindings(render(values))
+    seen, _ = observed(list(emulator._requests))
+    denied = sorted(
+        (ns, rule)
+        for ns, rule in seen
+        if rule not in cluster_wide and (ns is None or rule not in per_namespace.get(ns, ()))
+    )
+    assert denied == [], denied
+    peering_used = sorted({rule for _, rule in seen if rule[0] == "kopf.dev"})
+    with capsys.disabled():
+        print(
+            f"\nha: {len(rotations)} rotations ({by_leader} by the leader, then"
+            f" {len(creates['standby'])} by the standby after the leader was killed), each count"
+            f" written once, {len(made)} keys created for them; peering requests granted:"
+            f" {peering_used}"
+        )
