@@ -19,7 +19,7 @@ from zenml_operator.config import OperatorConfig
 from zenml_operator.handlers import rotation as rot
 from zenml_operator.handlers import service_account as sa
 from zenml_operator.handlers.common import Deps, classify, status_patch
-from zenml_operator.kube import KubeClient
+from zenml_operator.kube import KubeClient, KubeError
 from zenml_operator.metrics import Metrics
 from zenml_operator.models import API_VERSION, GROUP, VERSION
 
@@ -158,7 +158,14 @@ def build_registry(
         body: kopf.Body, memo: Any, logger: logging.Logger, **_: Any
     ) -> None:
         with metrics.track("serviceaccount", reason_of=_reason_of) as tracked:
-            await _reconcile_service_account(body, memo, logger, tracked)
+            try:
+                await _reconcile_service_account(body, memo, logger, tracked)
+            except KubeError as exc:
+                # The fresh read or the status write failed: the status cannot say so, but
+                # the retry must come after retry_delay, not Kopf's default minute.
+                raise kopf.TemporaryError(
+                    f"Kubernetes API error: {exc}; retrying", delay=config.retry_delay
+                ) from None
 
     async def _reconcile_service_account(
         body: kopf.Body, memo: Any, logger: logging.Logger, tracked: Any
@@ -309,10 +316,10 @@ def build_registry(
         meta = body.metadata
         with metrics.track("serviceaccount", reason_of=_reason_of) as tracked:
             async with deps.lock_for(meta.uid):
-                fresh = await deps.kube.get_object(
-                    API_VERSION, sa.PLURAL, meta.namespace, meta.name
-                )
                 try:
+                    fresh = await deps.kube.get_object(
+                        API_VERSION, sa.PLURAL, meta.namespace, meta.name
+                    )
                     await sa.finalize(fresh or body, deps)
                 except Exception as exc:
                     problem = classify(exc)

@@ -1,7 +1,8 @@
 """Benchmark: the operator against plain scripts, on a real ZenML server and an emulated cluster.
 
-    .venv/bin/python tests/bench/benchmark.py            # N=200, about 5 minutes
-    .venv/bin/python tests/bench/benchmark.py --large    # N=1000 (memory target), much longer
+    .venv/bin/python tests/bench/benchmark.py            # N=200: ~10-12 min on 2 cores
+    .venv/bin/python tests/bench/benchmark.py --large    # N=1000 (memory target): ~50 min
+    .venv/bin/python tests/bench/benchmark.py --n 100 --runs 10 --cli-runs 5   # ~5 min
     .venv/bin/python tests/bench/benchmark.py --help     # knobs (concurrency, timeouts, profile)
 
 Not a test (no `test_` prefix: pytest never collects it). It starts a local ZenML server

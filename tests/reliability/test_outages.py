@@ -267,12 +267,6 @@ async def _rotated_and_restarted(cluster: Any, name: str) -> dict[str, Any] | No
     return status if ok else None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="main.py: a Kubernetes error on the fresh read or the status write of a"
-    " ServiceAccount escapes classify(): Kopf retries it after its default 60 s, not"
-    " retry_delay, and Ready never says KubernetesError",
-)
 @pytest.mark.parametrize(
     "fault", ["object-get-503", "status-write-429"], ids=["fresh-read", "status-write"]
 )

@@ -254,6 +254,12 @@ class ServiceAccountReconciler:
     ) -> dict[str, Any]:
         entry: dict[str, Any] = {"name": key.name, "secretName": secret_name}
         secret = await self.deps.kube.get_secret(self.namespace, secret_name)
+        held = kf.annotations(secret).get(kf.ANN_KEY_ID)
+        if held and held not in {m.id for m in members}:
+            # The list was read before this Secret's lock: a rotation may have switched the
+            # Secret to a new key since. Re-read, or the newest-member fallback below would
+            # re-issue (and kill) a key inside its retention.
+            members = kf.family(await self.deps.zenml.list_api_keys(account.id), key.name)
         existing = kf.current_key(members, secret)
         if secret is not None and not sec.is_owned_by(secret, self.uid):
             entry.update(state="SecretConflict", id=existing.id if existing else None)
