@@ -9,6 +9,7 @@ loop (a sync client in an async handler would) and reuses connections.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import logging
@@ -87,6 +88,8 @@ class KubeClient:
             limits=httpx.Limits(max_connections=max_connections),
             trust_env=info.trust_env,
         )
+        # Callers queue here rather than in httpcore's pool (quadratic in its waiters).
+        self._in_flight = asyncio.Semaphore(max(1, max_connections))
         self.writes = 0  # Kubernetes writes sent, for the benchmarks' idle-cost figure
 
     def update_credentials(self, info: kopf.ConnectionInfo) -> None:
@@ -104,7 +107,8 @@ class KubeClient:
             headers["Content-Type"] = content_type
         if method != "GET":
             self.writes += 1
-        response = await self._http.request(method, path, json=json, headers=headers)
+        async with self._in_flight:
+            response = await self._http.request(method, path, json=json, headers=headers)
         if response.status_code >= 400:
             try:
                 payload = response.json()

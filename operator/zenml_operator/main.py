@@ -38,6 +38,7 @@ def _deps(memo: Any) -> Deps:
             kube=memo.kube,
             secret_url=memo.config.url_for_secrets,
             events=_post_event,
+            resync_seconds=memo.config.resync_seconds,
         )
     return memo.deps
 
@@ -104,6 +105,7 @@ def build_registry(
             max_retries=config.zenml_retries,
             username=config.zenml_username,
             max_connections=config.zenml_max_connections,
+            heavy_concurrency=config.zenml_heavy_concurrency,
             observer=metrics.observe_zenml_request,
         )
         zenml = memo.zenml
@@ -155,11 +157,11 @@ def build_registry(
                 await client.aclose()
 
     async def reconcile_service_account(
-        body: kopf.Body, memo: Any, logger: logging.Logger, **_: Any
+        body: kopf.Body, memo: Any, logger: logging.Logger, resync: bool = False, **_: Any
     ) -> None:
         with metrics.track("serviceaccount", reason_of=_reason_of) as tracked:
             try:
-                await _reconcile_service_account(body, memo, logger, tracked)
+                await _reconcile_service_account(body, memo, logger, tracked, resync)
             except KubeError as exc:
                 # The fresh read or the status write failed: the status cannot say so, but
                 # the retry must come after retry_delay, not Kopf's default minute.
@@ -167,8 +169,13 @@ def build_registry(
                     f"Kubernetes API error: {exc}; retrying", delay=config.retry_delay
                 ) from None
 
+    async def resync_service_account(
+        body: kopf.Body, memo: Any, logger: logging.Logger, **_: Any
+    ) -> None:
+        await reconcile_service_account(body, memo, logger, resync=True)
+
     async def _reconcile_service_account(
-        body: kopf.Body, memo: Any, logger: logging.Logger, tracked: Any
+        body: kopf.Body, memo: Any, logger: logging.Logger, tracked: Any, resync: bool
     ) -> None:
         deps = _deps(memo)
         meta = body.metadata
@@ -186,7 +193,7 @@ def build_registry(
                 return  # the deletion handler owns it now
             problem = None
             try:
-                desired = await sa.ServiceAccountReconciler(fresh, deps).run()
+                desired = await sa.ServiceAccountReconciler(fresh, deps).run(resync=resync)
             except sa.ReconcileFailed as failed:
                 desired, problem = failed.status, failed.problem
             # Status is written here, under the lock, not by Kopf after the handler.
@@ -271,13 +278,30 @@ def build_registry(
 
     rotation_resource = (GROUP, VERSION, rot.PLURAL)
 
+    # Which rotations claim which key, kept by Kopf from the watch stream (no LIST per look).
+    @kopf.index(*rotation_resource, registry=registry, id="rotation_claims")
+    def rotation_claims(
+        namespace: str, name: str, spec: kopf.Spec, meta: kopf.Meta, **_: Any
+    ) -> dict[tuple[str, Any, Any], tuple[str, str]]:
+        target = (namespace, spec.get("serviceAccountName"), spec.get("apiKeyName"))
+        return {target: (str(meta.get("creationTimestamp") or ""), name)}
+
+    def _use_claims(deps: Deps, index: kopf.Index[Any, Any]) -> Deps:
+        deps.rotation_claims = lambda ns, account, key: list(index.get((ns, account, key), ()))
+        return deps
+
     # One sleeping daemon per rotation: it wakes at the next due time (a rotation or the
     # end of a retention), on a spec/annotation change, or every resync interval.
     @kopf.daemon(*rotation_resource, registry=registry, id="rotation", cancellation_timeout=5.0)
     async def rotation_daemon(
-        body: kopf.Body, memo: Any, stopped: kopf.DaemonStopped, logger: logging.Logger, **_: Any
+        body: kopf.Body,
+        memo: Any,
+        stopped: kopf.DaemonStopped,
+        logger: logging.Logger,
+        rotation_claims: kopf.Index[Any, Any],
+        **_: Any,
     ) -> None:
-        deps = _deps(memo)
+        deps = _use_claims(_deps(memo), rotation_claims)
         wakeup = deps.wakeup_for(body.metadata.uid)
         while not stopped:
             try:
@@ -308,7 +332,7 @@ def build_registry(
         id="resync",
         interval=config.resync_seconds,
         initial_delay=config.resync_seconds,
-    )(reconcile_service_account)
+    )(resync_service_account)
 
     @kopf.on.delete(*sa_resource, registry=registry, id="finalize")
     async def finalize_service_account(body: kopf.Body, memo: Any, **_: Any) -> None:

@@ -556,6 +556,7 @@ class Bench:
                 "resync_seconds": resync,
                 "zenml_timeout": args.zenml_timeout,
                 "zenml_max_connections": args.max_connections,
+                "zenml_heavy_concurrency": args.heavy_concurrency,
                 "retry_delay": args.retry_delay,
             },
             "kopf": {
@@ -1309,6 +1310,12 @@ def parser() -> argparse.ArgumentParser:
         help="comma list of: latency, cli, rotation, idle",
     )
     p.add_argument("--max-connections", type=int, default=None, help="operator's ZenML pool")
+    p.add_argument(
+        "--heavy-concurrency",
+        type=int,
+        default=None,
+        help="operator's key creates/rotations/logins in flight",
+    )
     p.add_argument("--zenml-timeout", type=float, default=None, help="operator's ZenML timeout")
     p.add_argument("--retry-delay", type=float, default=None, help="operator's retry delay")
     p.add_argument("--worker-limit", type=int, default=None, help="Kopf queueing.worker_limit")

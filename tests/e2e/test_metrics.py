@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from e2e.conftest import SA_PATH
 from e2e.test_rotation import ROT_PATH, make_account, rotation_body, wait_count
 from e2e.test_secret_hygiene import issued_values
-from e2e.test_service_account import _gone, unique
+from e2e.test_service_account import _gone, sa_body, unique
 from zenml_operator.config import OperatorConfig
 from zenml_operator.main import build_registry
 from zenml_operator.metrics import Metrics
@@ -69,7 +69,7 @@ def series(samples: dict[str, list[Any]], family: str, **labels: str) -> list[An
 
 
 async def test_metrics_families_and_readiness_in_a_rotation_scenario(
-    cluster, metered_operator, operator_api_key
+    cluster, metered_operator, operator_api_key, zenml_client
 ) -> None:
     _, http = metered_operator
     response = await http.get("/readyz")
@@ -92,6 +92,10 @@ async def test_metrics_families_and_readiness_in_a_rotation_scenario(
     # A rotation whose ServiceAccount does not exist: an error with its reason.
     orphan = unique("orphan")
     await cluster.create(ROT_PATH, rotation_body(orphan, "no-such-account"))
+    # A name someone else took in ZenML: the operator's create answers 409 (an error series).
+    taken = unique("taken")
+    await zenml_client.create_service_account(taken)
+    await cluster.create(SA_PATH.format(ns="default"), sa_body(taken, {"apiKeys": []}))
 
     async def scraped() -> dict[str, list[Any]] | None:
         samples = scrape((await http.get("/metrics")).text)
@@ -100,7 +104,8 @@ async def test_metrics_families_and_readiness_in_a_rotation_scenario(
         nxt = series(
             samples, "zenml_operator_api_key_next_rotation_timestamp_seconds", rotation=name
         )
-        return samples if done and done[0].value == 1 and failed and nxt else None
+        conflict = series(samples, "zenml_operator_reconcile_total", reason="NameConflict")
+        return samples if done and done[0].value == 1 and failed and nxt and conflict else None
 
     samples = await cluster.wait_for(scraped, timeout=20, message="rotation metrics")
     response = await http.get("/metrics")
@@ -137,12 +142,12 @@ async def test_metrics_families_and_readiness_in_a_rotation_scenario(
         "serviceaccount": name,
         "key": "main",
     }
-    # The account was looked up by name before it existed: a 404, by route template only.
+    # The create of a taken name: a 409, by route template only.
     assert series(
         samples,
         "zenml_operator_zenml_errors_total",
-        endpoint="/api/v1/service_accounts/{name}",
-        kind="not_found",
+        endpoint="/api/v1/service_accounts",
+        kind="conflict",
     )
     endpoints = {s.labels["endpoint"] for s in samples["zenml_operator_zenml_requests_total"]}
     assert "/api/v1/service_accounts/{id}/api_keys" in endpoints

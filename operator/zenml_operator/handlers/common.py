@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -29,6 +29,10 @@ class Deps:
     events: EventSink
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     wakeups: dict[str, asyncio.Event] = field(default_factory=dict)
+    # (creationTimestamp, name) of the ApiKeyRotations of (namespace, account, key), from
+    # Kopf's in-memory index: a LIST per look would make every look O(all rotations).
+    rotation_claims: Callable[[str, str, str], Iterable[tuple[str, str]]] = lambda *_: ()
+    resync_seconds: float = 600.0
 
     def lock_for(self, uid: str) -> asyncio.Lock:
         """Serialises the handlers and the resync timer of one object."""

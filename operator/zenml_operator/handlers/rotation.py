@@ -189,22 +189,15 @@ class RotationReconciler:
             )
         return sa, key, sa_status["accountId"], key.secret_name_for(sa["metadata"]["name"])
 
-    async def check_unique(self, spec: ApiKeyRotationSpec) -> None:
+    def check_unique(self, spec: ApiKeyRotationSpec) -> None:
         """Two rotations of one key would rotate it twice: the oldest one wins."""
-        path_list = await self.deps.kube.list_objects(API_VERSION, PLURAL, self.namespace)
-        rivals = [
-            o
-            for o in path_list
-            if (o.get("spec") or {}).get("serviceAccountName") == spec.service_account_name
-            and (o.get("spec") or {}).get("apiKeyName") == spec.api_key_name
-        ]
-        rivals.sort(
-            key=lambda o: (o["metadata"].get("creationTimestamp") or "", o["metadata"]["name"])
+        claims = sorted(
+            self.deps.rotation_claims(self.namespace, spec.service_account_name, spec.api_key_name)
         )
-        if rivals and rivals[0]["metadata"]["name"] != self.name:
+        if claims and claims[0][1] != self.name:
             raise ReconcileProblem(
                 "DuplicateRotation",
-                f"ApiKeyRotation {rivals[0]['metadata']['name']!r} already rotates key"
+                f"ApiKeyRotation {claims[0][1]!r} already rotates key"
                 f" {spec.api_key_name!r} of {spec.service_account_name!r}; delete one of them.",
             )
 
@@ -218,7 +211,7 @@ class RotationReconciler:
                 status[keep] = self.status[keep]
         try:
             spec, period = self.parse_spec()
-            await self.check_unique(spec)
+            self.check_unique(spec)
             sa, key, account_id, secret_name = await self.target(spec)
             async with self.deps.lock_for(secret_lock(self.namespace, secret_name)):
                 return await self._run_locked(
@@ -253,30 +246,37 @@ class RotationReconciler:
                 f" ServiceAccount {spec.service_account_name!r}; waiting for it.",
                 retry=True,
             )
-        members = kf.family(await self.deps.zenml.list_api_keys(account_id), key.name)
-        current = kf.current_key(members, secret)
-        if current is None:
-            raise ReconcileProblem(
-                "ServiceAccountNotReady",
-                f"API key {key.name!r} has no key in ZenML yet.",
-                retry=True,
-            )
         ann = kf.annotations(secret)
         retention = kf.Retention.from_secret(secret)
-
-        # 1. Leftovers: keys no Secret references (crash after create) and expired previous.
-        plan = kf.retire(members, current, retention, now)
-        await retire_keys(self.deps, account_id, plan, self.event, "rotation.after-retire")
-        gone = {k.id for k in plan.delete}
-        members = [m for m in members if m.id not in gone]
-
-        # 2. Decide whether a rotation is due, from recorded timestamps only.
+        # 1. Decide whether a rotation is due, from the times recorded in the Secret only.
         count = int(ann.get(ANN_ROTATION_COUNT, "0") or 0)
         issued = parse_iso(ann.get(sec.ANN_ISSUED_AT)) or now
         next_due = issued + period
         handled_request = ann.get(ANN_ROTATE_REQUEST, "")
         requested = bool(self.request) and self.request != handled_request
         due = requested or now >= next_due
+
+        if self._quiet(due, ann, retention, now):
+            # Nothing due and nothing ending: no ZenML read. The ServiceAccount's resync
+            # reads this key family anyway (and enforces retention and leftovers too).
+            current: zc.ApiKeyInfo | None = None
+            current_id = str(ann[kf.ANN_KEY_ID])
+            members: list[zc.ApiKeyInfo] = []
+        else:
+            members = kf.family(await self.deps.zenml.list_api_keys(account_id), key.name)
+            current = kf.current_key(members, secret)
+            if current is None:
+                raise ReconcileProblem(
+                    "ServiceAccountNotReady",
+                    f"API key {key.name!r} has no key in ZenML yet.",
+                    retry=True,
+                )
+            current_id = current.id
+            # 2. Leftovers: keys no Secret references (crash after create), expired previous.
+            plan = kf.retire(members, current, retention, now)
+            await retire_keys(self.deps, account_id, plan, self.event, "rotation.after-retire")
+            gone = {k.id for k in plan.delete}
+            members = [m for m in members if m.id not in gone]
         previous_protected = retention.key_id is not None and any(
             retention.protects(m.id, now) for m in members
         )
@@ -295,7 +295,7 @@ class RotationReconciler:
                 f" {iso(retention.valid_until)}; rotating now would cut it off (ZenML keeps one"
                 " previous key). The rotation runs then.",
             )
-        elif due:
+        elif due and current is not None:
             secret, current, count = await self.rotate(
                 spec, sa, key, account_id, secret_name, secret, current, members, count, now
             )
@@ -304,6 +304,7 @@ class RotationReconciler:
             next_due = now + period
             retention = kf.Retention.from_secret(secret)
             # The key that was previous until now is superseded: delete it right away.
+            current_id = current.id
             members = [*members, current]
             await retire_keys(
                 self.deps,
@@ -319,10 +320,10 @@ class RotationReconciler:
 
         # 3. Restarts owed for the key now in the Secret (made once per key).
         restart_problem = None
-        if count > 0 and self.status.get("restartedForKeyId") != current.id:
-            restart_problem = await self.restart_targets(spec, current.id, now)
+        if count > 0 and self.status.get("restartedForKeyId") != current_id:
+            restart_problem = await self.restart_targets(spec, current_id, now)
         status["restartedForKeyId"] = (
-            current.id
+            current_id
             if count > 0 and restart_problem is None
             else self.status.get("restartedForKeyId")
         )
@@ -330,7 +331,7 @@ class RotationReconciler:
             status.pop("restartedForKeyId")
 
         status.update(
-            currentKeyId=current.id,
+            currentKeyId=current_id,
             rotationCount=count,
             nextRotationTime=iso(next_due),
         )
@@ -356,6 +357,23 @@ class RotationReconciler:
         status["conditions"] = self.conditions(ready=ready, rotating=rotating)
         status = {k: v for k, v in status.items() if v is not None}
         return Outcome(status, min(wake))
+
+    def _quiet(
+        self,
+        due: bool,
+        ann: Mapping[str, str],
+        retention: kf.Retention,
+        now: datetime.datetime,
+    ) -> bool:
+        """True when this look needs no ZenML read: no rotation is due, the last look saw
+        the key the Secret holds, and no retention ended lately (the look at its end, and
+        any within one resync interval after it, deactivate the previous key)."""
+        held = ann.get(kf.ANN_KEY_ID)
+        if due or not held or self.status.get("currentKeyId") != held:
+            return False
+        until = retention.valid_until
+        window = datetime.timedelta(seconds=self.deps.resync_seconds)
+        return not (retention.key_id and until is not None and until <= now < until + window)
 
     async def rotate(
         self,

@@ -114,6 +114,7 @@ class ServiceAccountReconciler:
         self.uid: str = meta["uid"]
         self.generation: int | None = meta.get("generation")
         self.status: dict[str, Any] = dict(body.get("status") or {})
+        self.created_account = False  # this run created the account: it has no keys yet
 
     def event(self, type: str, reason: str, message: str) -> None:
         self.deps.events(self.body, type=type, reason=reason, message=message)
@@ -182,8 +183,15 @@ class ServiceAccountReconciler:
         else:
             self.status.pop("createRequestedAt", None)
 
+    def _never_looked(self, spec: ServiceAccountSpec) -> bool:
+        """A first run (no account id, no create intent, no adopt): the create itself is the
+        look-up. A name already taken answers 409 and is judged then, as after a race."""
+        return not (
+            self.status.get("accountId") or self.status.get("createRequestedAt") or spec.adopt
+        )
+
     async def ensure_account(self, spec: ServiceAccountSpec) -> zc.ServiceAccountInfo:
-        account = await self.find_owned_account(spec)
+        account = None if self._never_looked(spec) else await self.find_owned_account(spec)
         account_name = spec.account_name_for(self.name)
         if account is None:
             # Intent first: a crash after ZenML's create must not look like a NameConflict.
@@ -212,6 +220,7 @@ class ServiceAccountReconciler:
                     await self._restore_intent(earlier)  # this attempt created nothing
                 raise
             else:
+                self.created_account = True
                 await crashpoint("sa.create.after-account")
                 recreated = " (it was deleted in ZenML)" if self.status.get("accountId") else ""
                 self.event(
@@ -220,6 +229,12 @@ class ServiceAccountReconciler:
                     f"Created ZenML service account {account_name!r}{recreated}",
                 )
             return account
+        return await self.ensure_account_fields(spec, account)
+
+    async def ensure_account_fields(
+        self, spec: ServiceAccountSpec, account: zc.ServiceAccountInfo
+    ) -> zc.ServiceAccountInfo:
+        account_name = spec.account_name_for(self.name)
         if account.description != spec.description or account.active != spec.active:
             account = await self.deps.zenml.update_service_account(
                 account.id, description=spec.description, active=spec.active
@@ -231,6 +246,52 @@ class ServiceAccountReconciler:
                 f"Updated ZenML service account {account_name!r} (active={spec.active})",
             )
         return account
+
+    async def light_look(
+        self, spec: ServiceAccountSpec
+    ) -> tuple[zc.ServiceAccountInfo, list[zc.ApiKeyInfo]] | None:
+        """A resync of a converged resource in ONE ZenML read: the key list, whose items
+        nest the owning account (id, name, active). None when that cannot tell: spec
+        changed since the last run, no account yet, or no key to carry the account.
+
+        The nested account has no description, so a description edited by hand in ZenML
+        is put back on the next spec change or operator start, not within a resync.
+        """
+        known_id = self.status.get("accountId")
+        account_name = spec.account_name_for(self.name)
+        if (
+            not known_id
+            or not spec.api_keys
+            or self.status.get("accountName") != account_name
+            or self.status.get("observedGeneration") != self.generation
+        ):
+            return None
+        try:
+            keys = await self.deps.zenml.list_api_keys(known_id)
+        except zc.NotFoundError:
+            return None  # the account is gone: the full path re-creates it
+        owner = next((k.account for k in keys if k.account is not None), None)
+        if owner is None or owner.id != known_id or owner.name != account_name:
+            return None
+        account = zc.ServiceAccountInfo(
+            id=owner.id,
+            name=owner.name,
+            active=owner.active,
+            description=spec.description,
+            created=None,
+        )
+        return await self.ensure_account_fields(spec, account), keys
+
+    async def load(
+        self, spec: ServiceAccountSpec, *, resync: bool
+    ) -> tuple[zc.ServiceAccountInfo, list[zc.ApiKeyInfo]]:
+        """The owned account (created or updated as the spec says) and all of its keys."""
+        if resync and (looked := await self.light_look(spec)) is not None:
+            return looked
+        account = await self.ensure_account(spec)
+        if self.created_account or not (spec.api_keys or self.status.get("apiKeys")):
+            return account, []  # a new account has no keys; nothing to remove or ensure
+        return account, await self.deps.zenml.list_api_keys(account.id)
 
     # --- keys ----------------------------------------------------------------------
 
@@ -412,19 +473,21 @@ class ServiceAccountReconciler:
 
     # --- the whole run ----------------------------------------------------------------
 
-    async def run(self) -> dict[str, Any]:
-        """Converge and return the desired status (the caller writes only what differs)."""
+    async def run(self, *, resync: bool = False) -> dict[str, Any]:
+        """Converge and return the desired status (the caller writes only what differs).
+
+        `resync`: a periodic drift check (may take the one-read path, see light_look).
+        """
         status: dict[str, Any] = {k: v for k, v in self.status.items() if k not in ("kopf",)}
         status["observedGeneration"] = self.generation
         status["zenmlUrl"] = self.deps.secret_url
         try:
             spec = parse_spec(self.body)
             check_spec(spec, self.name)
-            account = await self.ensure_account(spec)
+            account, all_keys = await self.load(spec, resync=resync)
             status.update(accountId=account.id, accountName=account.name, active=account.active)
             status.pop("createRequestedAt", None)
             self.status.pop("createRequestedAt", None)
-            all_keys = await self.deps.zenml.list_api_keys(account.id)
             declared = {k.name for k in spec.api_keys}
             previous = {e["name"]: e for e in self.status.get("apiKeys") or []}
             entries = [
