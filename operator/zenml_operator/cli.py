@@ -33,6 +33,8 @@ def _run(args: argparse.Namespace) -> int:
         print("zenml-operator run: --metrics-port and --liveness-port must differ", file=sys.stderr)
         return 2
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat[args.log_format.upper()])
+    # One line per ZenML/Kubernetes request at INFO would drown the operator's own logs.
+    logging.getLogger("httpx").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     metrics = Metrics()
     registry = build_registry(config, metrics=metrics)
     liveness = f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None
@@ -121,8 +123,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = parser().parse_args(argv)
+    if args.command != "run":  # `run` logs through kopf.configure (a second handler doubles lines)
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     return int(args.func(args) or 0)
 
 

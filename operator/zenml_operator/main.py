@@ -19,7 +19,7 @@ from zenml_operator.config import OperatorConfig
 from zenml_operator.handlers import rotation as rot
 from zenml_operator.handlers import service_account as sa
 from zenml_operator.handlers.common import Deps, classify, status_patch
-from zenml_operator.kube import KubeClient, KubeError
+from zenml_operator.kube import KubeClient, KubeError, kube_login
 from zenml_operator.metrics import Metrics
 from zenml_operator.models import API_VERSION, GROUP, VERSION
 
@@ -137,7 +137,7 @@ def build_registry(
         if config.kube_api_url:
             info = kopf.ConnectionInfo(server=config.kube_api_url, default_namespace="default")
         else:
-            info = kopf.login_via_client(logger=logger, settings=settings, **kwargs)
+            info = kube_login(logger=logger, settings=settings, **kwargs)
         if info is None:
             return None
         if getattr(memo, "kube", None) is None:

@@ -424,6 +424,9 @@ class ZenMLClient:
         self._backoff = backoff
         self._token: str | None = None
         self._login_lock = asyncio.Lock()
+        # The last login's refusal, until a login succeeds: lets callers that need no
+        # request right now still report a dead credential (see `login_refused`).
+        self._refused: UnauthorizedError | None = None
         # Requests wait here, not in httpcore's pool: its bookkeeping is quadratic in the
         # number of waiters (it was ~40% of the operator's CPU with 1000 queued requests).
         self._in_flight = asyncio.Semaphore(max(1, max_connections))
@@ -530,7 +533,21 @@ class ZenMLClient:
             raise UnauthorizedError(f"cannot read the operator's credential: {exc}") from None
         return secret.strip()
 
+    @property
+    def login_refused(self) -> UnauthorizedError | None:
+        """The error of the last login if the server (or the key file) refused it."""
+        return self._refused
+
     async def _login(self) -> str:
+        try:
+            token = await self._login_once()
+        except UnauthorizedError as exc:
+            self._refused = exc
+            raise
+        self._refused = None
+        return token
+
+    async def _login_once(self) -> str:
         secret = self._read_secret()
         form = {"password": secret}
         if self._username is not None:

@@ -218,6 +218,12 @@ async def _runner(cfg: dict[str, Any], counts: collections.Counter[str]) -> None
     emit({"event": "ready", "pid": os.getpid(), **_proc_status()})
     threading.Thread(target=commands, daemon=True).start()
     await stop.wait()
+    trace_path = os.environ.get("BENCH_TRACEMALLOC")
+    if trace_path:  # where the live Python memory is, by line (see --tracemalloc)
+        import tracemalloc
+
+        top = tracemalloc.take_snapshot().statistics("lineno")[:40]
+        Path(trace_path).write_text("\n".join(str(stat) for stat in top) + "\n")
     await operator.stop(graceful=True, timeout=30)
     emit({"event": "stopped", **_proc_status()})
 
@@ -271,6 +277,7 @@ class OperatorProcess:
         self.cfg = cfg
         self.workdir = workdir
         self.profile = profile
+        self.tracemalloc = False
         self.proc: asyncio.subprocess.Process | None = None
         self.pid = 0
         self.hwm = 0
@@ -288,6 +295,9 @@ class OperatorProcess:
             ]  # fmt: skip
         env = dict(os.environ)
         env["BENCH_RUNNER_CONFIG"] = json.dumps(self.cfg)  # holds the key: env, not argv
+        if self.tracemalloc:
+            env["PYTHONTRACEMALLOC"] = "1"
+            env["BENCH_TRACEMALLOC"] = str(self.workdir / f"operator-{self.label}.tracemalloc.txt")
         with self.log_path.open("ab") as log:
             self.proc = await asyncio.create_subprocess_exec(
                 *command,
@@ -588,6 +598,7 @@ class Bench:
     async def phases(self) -> None:
         skip = set(self.args.skip or ())
         op = OperatorProcess("main", self.operator_cfg(600.0), self.workdir, self.args.profile)
+        op.tracemalloc = self.args.tracemalloc
         self.say("[setup] operator process (resync 600 s) ...")
         await op.start()
         self.say(f"        ready (pid {op.pid}, RSS {op.start_rss / MB:.0f} MB with 0 objects)")
@@ -1327,6 +1338,11 @@ def parser() -> argparse.ArgumentParser:
         "--profile",
         action="store_true",
         help="run the operator under py-spy (pip install py-spy); summaries at the end",
+    )
+    p.add_argument(
+        "--tracemalloc",
+        action="store_true",
+        help="trace the main operator's Python allocations (slow); top lines in the work dir",
     )
     p.add_argument("--workdir", default=None, help="keep data here (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the temp work dir")

@@ -338,13 +338,18 @@ async def test_resync_of_a_converged_object_writes_nothing(
         return "operator.zenml.io/last-handled-configuration" in annotations
 
     await cluster.wait_for(create_recorded, timeout=10)
-    first = memo.zenml.request_count
-    await cluster.wait_for(lambda: memo.zenml.request_count >= first + 2, timeout=10)
-    start_writes, start_reads = writes(), memo.zenml.request_count
-    # Wait until at least three resyncs have read ZenML (each resync reads >= 2 times).
-    await cluster.wait_for(
-        lambda: memo.zenml.request_count >= start_reads + 6, timeout=10, message="three resyncs"
-    )
+
+    def resyncs() -> float:
+        labels = {"resource": "serviceaccount", "result": "success", "reason": "Reconciled"}
+        return memo.metrics.registry.get_sample_value("zenml_operator_reconcile_total", labels)
+
+    first = resyncs()
+    await cluster.wait_for(lambda: resyncs() >= first + 1, timeout=10)
+    start_writes, start_reads, start_runs = writes(), memo.zenml.request_count, resyncs()
+    await cluster.wait_for(lambda: resyncs() >= start_runs + 3, timeout=10, message="3 resyncs")
+    # One ZenML read per resync: the key list, which also names the account (id, active).
+    runs, reads = resyncs() - start_runs, memo.zenml.request_count - start_reads
+    assert reads <= runs + 1, (reads, runs)  # +1: a resync counted between the two reads
     changes = [
         (c.resource.plural, c.name, c.event["type"], c.event["object"].get("metadata"))
         for c in cluster.emulator._history

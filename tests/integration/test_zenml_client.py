@@ -277,6 +277,56 @@ async def test_concurrent_callers_share_one_login(
         assert client.request_count == 11
 
 
+class CountingTransport(httpx.AsyncBaseTransport):
+    """The real HTTP transport, counting how many key creates are in flight at once."""
+
+    def __init__(self) -> None:
+        self._inner = httpx.AsyncHTTPTransport()
+        self.in_flight = self.peak = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        counted = request.method == "POST" and request.url.path.endswith("/api_keys")
+        self.in_flight += counted
+        self.peak = max(self.peak, self.in_flight)
+        try:
+            response = await self._inner.handle_async_request(request)
+            await response.aread()
+            return response
+        finally:
+            self.in_flight -= counted
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+async def test_key_creates_run_a_few_at_a_time(
+    zenml_server: ZenMLServer, operator_api_key: str, account: ServiceAccountInfo
+) -> None:
+    transport = CountingTransport()
+    client = ZenMLClient(
+        zenml_server.url, operator_api_key, heavy_concurrency=2, transport=transport
+    )
+    async with client:
+        issued = await asyncio.gather(
+            *(client.create_api_key(account.id, f"k{i}") for i in range(6))
+        )
+        for key in issued[:2]:
+            await login_with_api_key(zenml_server.url, key.value.reveal())
+    assert transport.peak == 2  # bounded, and the bound was used
+    assert len({k.info.id for k in issued}) == 6
+
+
+async def test_key_list_items_name_their_account(
+    zenml_client: ZenMLClient, account: ServiceAccountInfo
+) -> None:
+    await zenml_client.create_api_key(account.id, "k")
+    await zenml_client.update_service_account(account.id, active=False)
+    (listed,) = await zenml_client.list_api_keys(account.id)
+    assert listed.account is not None
+    assert (listed.account.id, listed.account.name) == (account.id, account.name)
+    assert listed.account.active is False  # what a one-read resync relies on
+
+
 async def test_rejected_operator_key_is_unauthorized_without_leaking(
     zenml_client: ZenMLClient, account: ServiceAccountInfo
 ) -> None:

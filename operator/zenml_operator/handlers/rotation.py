@@ -258,7 +258,11 @@ class RotationReconciler:
 
         if self._quiet(due, ann, retention, now):
             # Nothing due and nothing ending: no ZenML read. The ServiceAccount's resync
-            # reads this key family anyway (and enforces retention and leftovers too).
+            # reads this key family anyway (and enforces retention and leftovers too). A
+            # credential ZenML refused still shows here: no rotation could run with it.
+            refused = self.deps.zenml.login_refused
+            if refused is not None:
+                raise refused
             current: zc.ApiKeyInfo | None = None
             current_id = str(ann[kf.ANN_KEY_ID])
             members: list[zc.ApiKeyInfo] = []
