@@ -6,13 +6,13 @@ import datetime
 from typing import Any
 
 
+def iso(moment: datetime.datetime) -> str:
+    """RFC 3339 in UTC to the second, as Kubernetes writes times."""
+    return moment.astimezone(datetime.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
 def now_iso() -> str:
-    return (
-        datetime.datetime.now(datetime.UTC)
-        .replace(microsecond=0)
-        .isoformat()
-        .replace("+00:00", "Z")
-    )
+    return iso(datetime.datetime.now(datetime.UTC))
 
 
 def set_condition(

@@ -23,7 +23,7 @@ class OperatorConfig:
     zenml_retries: int = 3
     zenml_max_connections: int = 50
     # Key creates/rotations and logins in flight at once (each costs the server a bcrypt).
-    zenml_heavy_concurrency: int = 4
+    zenml_heavy_concurrency: int = 8
     # Only for the demo and tests: talk to this Kubernetes API URL with no credentials.
     kube_api_url: str | None = None
     # Seconds the operator waits before retrying after a failed reconcile (Kopf backoff).
@@ -71,5 +71,5 @@ def config_from_env(namespaces: tuple[str, ...] = ()) -> OperatorConfig:
         resync_seconds=_env_float("ZENML_OPERATOR_RESYNC_SECONDS", 600.0),
         zenml_timeout=_env_float("ZENML_OPERATOR_ZENML_TIMEOUT", 10.0),
         zenml_max_connections=int(_env_float("ZENML_OPERATOR_ZENML_MAX_CONNECTIONS", 50)),
-        zenml_heavy_concurrency=int(_env_float("ZENML_OPERATOR_ZENML_HEAVY_CONCURRENCY", 4)),
+        zenml_heavy_concurrency=int(_env_float("ZENML_OPERATOR_ZENML_HEAVY_CONCURRENCY", 8)),
     )

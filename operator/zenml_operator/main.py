@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from typing import Any
 
 import kopf
@@ -21,7 +22,7 @@ from zenml_operator.handlers import service_account as sa
 from zenml_operator.handlers.common import Deps, classify, status_patch
 from zenml_operator.kube import KubeClient, KubeError, kube_login
 from zenml_operator.metrics import Metrics
-from zenml_operator.models import API_VERSION, GROUP, VERSION
+from zenml_operator.models import API_VERSION, GROUP, ROTATE_ANNOTATION, VERSION
 
 PREFIX = "operator.zenml.io"
 FINALIZER = "zenml.io/finalizer"
@@ -318,9 +319,20 @@ def build_registry(
         # The daemon stops when the object goes (or the operator stops): drop its series.
         metrics.forget_rotation(body.metadata.namespace, body.metadata.name)
 
-    @kopf.on.update(*rotation_resource, registry=registry, id="wake")
-    async def rotation_changed(body: kopf.Body, memo: Any, **_: Any) -> None:
-        _deps(memo).wakeup_for(body.metadata.uid).set()
+    # A raw watch-event handler, not on.update: Kopf writes nothing back for it (on.update
+    # costs two patches of the object per change, to record what it handled).
+    @kopf.on.event(*rotation_resource, registry=registry, id="wake")
+    def rotation_event(body: kopf.Body, memo: Any, type: str | None, **_: Any) -> None:
+        deps = _deps(memo)
+        uid = body.metadata.uid
+        if type == "DELETED":
+            deps.forget(uid)
+            return
+        # What a look depends on besides time: the spec and the on-demand request.
+        seen = (body.metadata.get("generation"), body.metadata.annotations.get(ROTATE_ANNOTATION))
+        if deps.looked_at.setdefault(uid, seen) != seen:
+            deps.looked_at[uid] = seen
+            deps.wakeup_for(uid).set()
 
     sa_resource = (GROUP, VERSION, sa.PLURAL)
     for decorator in (kopf.on.create, kopf.on.update, kopf.on.resume):
@@ -331,7 +343,9 @@ def build_registry(
         registry=registry,
         id="resync",
         interval=config.resync_seconds,
-        initial_delay=config.resync_seconds,
+        # Spread over the interval: objects seen together (an operator start, a bulk apply)
+        # would otherwise resync together, every interval, in one burst at ZenML.
+        initial_delay=lambda **_: random.uniform(0.5, 1.0) * config.resync_seconds,
     )(resync_service_account)
 
     @kopf.on.delete(*sa_resource, registry=registry, id="finalize")

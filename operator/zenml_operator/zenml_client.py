@@ -411,7 +411,7 @@ class ZenMLClient:
         max_retries: int = 3,
         backoff: float = 0.5,
         max_connections: int = 50,
-        heavy_concurrency: int = 4,
+        heavy_concurrency: int = 8,
         username: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         observer: RequestObserver | None = None,

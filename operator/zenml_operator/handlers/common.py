@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import pydantic
+
 from zenml_operator import zenml_client as zc
 from zenml_operator.kube import KubeClient, KubeError
 
@@ -29,6 +31,9 @@ class Deps:
     events: EventSink
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     wakeups: dict[str, asyncio.Event] = field(default_factory=dict)
+    # uid -> (generation, on-demand request) last seen in the watch stream, to wake a
+    # rotation daemon only when one of them changes.
+    looked_at: dict[str, tuple[Any, Any]] = field(default_factory=dict)
     # (creationTimestamp, name) of the ApiKeyRotations of (namespace, account, key), from
     # Kopf's in-memory index: a LIST per look would make every look O(all rotations).
     rotation_claims: Callable[[str, str, str], Iterable[tuple[str, str]]] = lambda *_: ()
@@ -51,6 +56,7 @@ class Deps:
     def forget(self, uid: str) -> None:
         self.locks.pop(uid, None)
         self.wakeups.pop(uid, None)
+        self.looked_at.pop(uid, None)
 
 
 class ReconcileProblem(Exception):
@@ -65,6 +71,18 @@ class ReconcileProblem(Exception):
         self.reason = reason
         self.message = message
         self.retry = retry
+
+
+def invalid_spec(exc: pydantic.ValidationError | ValueError) -> ReconcileProblem:
+    """InvalidSpec naming every bad field (`apiKeys.0.name: ...`), never the input values."""
+    if isinstance(exc, pydantic.ValidationError):
+        detail = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'spec'}: {err['msg']}"
+            for err in exc.errors()
+        )
+    else:
+        detail = str(exc)
+    return ReconcileProblem("InvalidSpec", f"spec is invalid: {detail}")
 
 
 def classify(exc: BaseException) -> ReconcileProblem | None:

@@ -29,12 +29,14 @@ import pydantic
 from zenml_operator import keyfamily as kf
 from zenml_operator import secrets as sec
 from zenml_operator import zenml_client as zc
-from zenml_operator.conditions import set_condition
+from zenml_operator.conditions import iso, set_condition
 from zenml_operator.crashpoints import crashpoint
 from zenml_operator.handlers.common import (
     Deps,
     ReconcileProblem,
     classify,
+    invalid_spec,
+    parse_time,
     retire_keys,
     secret_lock,
     utcnow,
@@ -69,17 +71,6 @@ def parse_duration(text: str) -> datetime.timedelta:
         raise ValueError(f"not a duration: {text!r} (use e.g. 720h, 90m, 45s)")
     unit = {"h": 3600.0, "m": 60.0, "s": 1.0}
     return datetime.timedelta(seconds=sum(float(n) * unit[u] for n, u in parts))
-
-
-def iso(moment: datetime.datetime) -> str:
-    return moment.astimezone(datetime.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-
-
-def parse_iso(text: str | None) -> datetime.datetime | None:
-    if not text:
-        return None
-    value = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return value if value.tzinfo else value.replace(tzinfo=datetime.UTC)
 
 
 @dataclass
@@ -130,14 +121,7 @@ class RotationReconciler:
             spec = ApiKeyRotationSpec.model_validate(dict(self.body.get("spec") or {}))
             period = parse_duration(spec.period)
         except (pydantic.ValidationError, ValueError) as exc:
-            detail = (
-                "; ".join(
-                    f"{'.'.join(map(str, e['loc'])) or 'spec'}: {e['msg']}" for e in exc.errors()
-                )
-                if isinstance(exc, pydantic.ValidationError)
-                else str(exc)
-            )
-            raise ReconcileProblem("InvalidSpec", f"spec is invalid: {detail}") from None
+            raise invalid_spec(exc) from None
         if period <= datetime.timedelta(minutes=spec.retain_period_minutes):
             raise ReconcileProblem(
                 "InvalidSpec",
@@ -250,7 +234,7 @@ class RotationReconciler:
         retention = kf.Retention.from_secret(secret)
         # 1. Decide whether a rotation is due, from the times recorded in the Secret only.
         count = int(ann.get(ANN_ROTATION_COUNT, "0") or 0)
-        issued = parse_iso(ann.get(sec.ANN_ISSUED_AT)) or now
+        issued = parse_time(ann.get(sec.ANN_ISSUED_AT)) or now
         next_due = issued + period
         handled_request = ann.get(ANN_ROTATE_REQUEST, "")
         requested = bool(self.request) and self.request != handled_request

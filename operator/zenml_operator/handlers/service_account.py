@@ -34,6 +34,7 @@ from zenml_operator.handlers.common import (
     Deps,
     ReconcileProblem,
     classify,
+    invalid_spec,
     parse_time,
     retire_keys,
     secret_lock,
@@ -54,11 +55,7 @@ def parse_spec(body: Mapping[str, Any]) -> ServiceAccountSpec:
     try:
         return ServiceAccountSpec.model_validate(dict(body.get("spec") or {}))
     except pydantic.ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'spec'}: {err['msg']}"
-            for err in exc.errors()
-        )
-        raise ReconcileProblem("InvalidSpec", f"spec is invalid: {problems}") from None
+        raise invalid_spec(exc) from None
 
 
 # Secret annotations the operator keeps its own record in (key ids, issue time, retention,
