@@ -1028,9 +1028,9 @@ class Bench:
         resync = self.args.resync
         if resync is None:
             # Short, but within what one ZenML server serves (~40 small GETs/s on 2 cores): a
-            # resync of 2 reads per ServiceAccount and 1 per rotation at ~50% of that. A shorter
-            # interval measures an overloaded server (timeouts, Ready flapping), not idle cost.
-            resync = max(5.0, float(math.ceil((2 * n_sa + n_rot) / 20)))
+            # resync of 1 read per ServiceAccount (and up to 1 per rotation) at ~50% of that.
+            # A shorter interval measures an overloaded server, not idle cost.
+            resync = max(5.0, float(math.ceil((n_sa + n_rot) / 20)))
         self.say(
             f"[3/5] idle cost: fresh operator, resync {resync:g} s, {n_sa} ServiceAccounts + "
             f"{n_rot} ApiKeyRotations converged; {intervals} intervals measured"
