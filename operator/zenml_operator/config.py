@@ -24,6 +24,9 @@ class OperatorConfig:
     zenml_max_connections: int = 50
     # Key creates/rotations and logins in flight at once (each costs the server a bcrypt).
     zenml_heavy_concurrency: int = 8
+    # Reconciles (ServiceAccount runs, rotation looks) in progress at once; the rest wait
+    # their turn. Bounds the memory of a start-up over thousands of objects.
+    max_concurrent_reconciles: int = 64
     # Only for the demo and tests: talk to this Kubernetes API URL with no credentials.
     kube_api_url: str | None = None
     # Seconds the operator waits before retrying after a failed reconcile (Kopf backoff).
@@ -72,4 +75,5 @@ def config_from_env(namespaces: tuple[str, ...] = ()) -> OperatorConfig:
         zenml_timeout=_env_float("ZENML_OPERATOR_ZENML_TIMEOUT", 10.0),
         zenml_max_connections=int(_env_float("ZENML_OPERATOR_ZENML_MAX_CONNECTIONS", 50)),
         zenml_heavy_concurrency=int(_env_float("ZENML_OPERATOR_ZENML_HEAVY_CONCURRENCY", 8)),
+        max_concurrent_reconciles=int(_env_float("ZENML_OPERATOR_MAX_CONCURRENT_RECONCILES", 64)),
     )

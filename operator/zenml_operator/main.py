@@ -77,6 +77,8 @@ def build_registry(
 ) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
     metrics = metrics if metrics is not None else Metrics()
+    # Taken before any per-object or per-Secret lock, never while holding one: no deadlock.
+    reconcile_slots = asyncio.Semaphore(max(1, config.max_concurrent_reconciles))
 
     @kopf.on.startup(registry=registry)
     async def startup(
@@ -90,6 +92,8 @@ def build_registry(
         )
         settings.persistence.finalizer = FINALIZER
         settings.posting.level = logging.INFO
+        # Events are posted by a few workers, not one task per event (a burst of thousands).
+        settings.posting.worker_limit = 8
         # A resync in flight when the resource is deleted must not hold the finalizer for
         # Kopf's default 60 s polling period.
         settings.background.instant_exit_timeout = 0.5
@@ -160,6 +164,12 @@ def build_registry(
     async def reconcile_service_account(
         body: kopf.Body, memo: Any, logger: logging.Logger, resync: bool = False, **_: Any
     ) -> None:
+        async with reconcile_slots:
+            await _tracked_service_account(body, memo, logger, resync)
+
+    async def _tracked_service_account(
+        body: kopf.Body, memo: Any, logger: logging.Logger, resync: bool
+    ) -> None:
         with metrics.track("serviceaccount", reason_of=_reason_of) as tracked:
             try:
                 await _reconcile_service_account(body, memo, logger, tracked, resync)
@@ -217,8 +227,9 @@ def build_registry(
 
     async def rotate_once(body: kopf.Body, deps: Deps, logger: logging.Logger) -> float:
         """One look at a rotation; returns how many seconds until it needs the next one."""
-        with metrics.track("apikeyrotation", reason_of=_reason_of) as tracked:
-            return await _rotate_once(body, deps, logger, tracked)
+        async with reconcile_slots:
+            with metrics.track("apikeyrotation", reason_of=_reason_of) as tracked:
+                return await _rotate_once(body, deps, logger, tracked)
 
     async def _rotate_once(
         body: kopf.Body, deps: Deps, logger: logging.Logger, tracked: Any

@@ -359,13 +359,10 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def ready_condition(obj: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    if not obj:
-        return None
-    generation = obj["metadata"].get("generation")
-    for cond in (obj.get("status") or {}).get("conditions") or []:
-        if cond.get("type") == "Ready" and cond.get("observedGeneration") == generation:
-            return cond
-    return None
+    # Imported here: the operator process runs this file too and must not load the demo.
+    from zenml_operator.demo import ready_condition as demo_ready_condition
+
+    return demo_ready_condition(obj)
 
 
 def is_ready(obj: Mapping[str, Any] | None) -> bool:

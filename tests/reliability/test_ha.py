@@ -43,30 +43,6 @@ SA = "zenml.io/v1alpha1/serviceaccounts"
 ROT = "zenml.io/v1alpha1/apikeyrotations"
 
 
-class PeeringOperator(kopf_runner.BackgroundOperator):
-    """A BackgroundOperator that keeps the peering mode of its settings."""
-
-    async def _run(self) -> None:
-        saved = kopf_runner._save_signal_handlers()
-        try:
-            tasks = self._root_tasks = await kopf.spawn_tasks(
-                registry=self.registry,
-                settings=self.settings,
-                namespaces=self.namespaces,
-                clusterwide=not self.namespaces,
-                standalone=self.settings.peering.standalone,
-                memo=self.memo,
-                ready_flag=self._ready_flag,
-                stop_flag=self._stop_flag,
-                insights=self._insights,
-                vault=self._vault,
-            )
-            kopf_runner._restore_signal_handlers(saved)
-            await kopf.run_tasks(tasks, ignored=kopf_runner._ForeignTasks(self._tasks))
-        finally:
-            kopf_runner._restore_signal_handlers(saved)
-
-
 def peering(priority: int):
     def hook(settings: kopf.OperatorSettings) -> None:
         settings.peering.standalone = False
@@ -100,7 +76,7 @@ async def test_two_operators_never_rotate_twice(
             await operator.stop()
 
 
-async def _start(cluster, zenml_server, key: str, priority: int) -> PeeringOperator:
+async def _start(cluster, zenml_server, key: str, priority: int) -> kopf_runner.BackgroundOperator:
     config = OperatorConfig(
         zenml_url=zenml_server.url,
         zenml_api_key=lambda: key,
@@ -108,7 +84,7 @@ async def _start(cluster, zenml_server, key: str, priority: int) -> PeeringOpera
         retry_delay=0.3,
         zenml_retries=1,
     )
-    operator = PeeringOperator(
+    operator = kopf_runner.BackgroundOperator(
         registry=build_registry(config),
         namespaces=WATCHED,
         settings=kopf_runner.make_settings(peering(priority)),

@@ -152,7 +152,8 @@ class BackgroundOperator:
                 # No namespaces: cluster-wide (said explicitly, else Kopf warns and guesses).
                 namespaces=self.namespaces,
                 clusterwide=not self.namespaces,
-                standalone=True,
+                # make_settings() says True; a settings hook may opt into peering (HA tests).
+                standalone=self.settings.peering.standalone,
                 memo=self.memo,
                 ready_flag=self._ready_flag,
                 stop_flag=self._stop_flag,
