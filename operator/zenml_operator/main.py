@@ -93,7 +93,8 @@ def build_registry(
         settings.persistence.finalizer = FINALIZER
         settings.posting.level = logging.INFO
         # Events are posted by a few workers, not one task per event (a burst of thousands).
-        settings.posting.worker_limit = 8
+        if settings.posting.worker_limit is None:
+            settings.posting.worker_limit = 8
         # A resync in flight when the resource is deleted must not hold the finalizer for
         # Kopf's default 60 s polling period.
         settings.background.instant_exit_timeout = 0.5

@@ -1279,13 +1279,21 @@ class Bench:
             )
 
     def knobs(self) -> str:
-        a = self.args
+        from zenml_operator.config import OperatorConfig
+
+        a, default = self.args, OperatorConfig(zenml_url="", zenml_api_key=str)
+
+        def given(value: Any, fallback: Any) -> Any:
+            return fallback if value is None else value
+
         return (
-            f"ZenML concurrency (connection pool) {self.operator_limit()}, ZenML timeout "
-            f"{a.zenml_timeout if a.zenml_timeout is not None else 'default'} s, retry delay "
-            f"{a.retry_delay if a.retry_delay is not None else 'default'} s, Kopf "
-            f"queueing.worker_limit {a.worker_limit}, posting.worker_limit "
-            f"{a.posting_worker_limit}; resync 600 s"
+            f"ZenML requests in flight {self.operator_limit()} (of which key creates/rotations/"
+            f"logins {given(a.heavy_concurrency, default.zenml_heavy_concurrency)}), ZenML "
+            f"timeout {given(a.zenml_timeout, default.zenml_timeout):g} s, retry delay "
+            f"{given(a.retry_delay, default.retry_delay):g} s, reconciles at once "
+            f"{default.max_concurrent_reconciles}, Kopf queueing.worker_limit "
+            f"{a.worker_limit}, posting.worker_limit {given(a.posting_worker_limit, 8)}; "
+            "resync 600 s"
             + (f" except the idle phase ({self.idle_resync:g} s)" if self.idle_resync else "")
         )
 
