@@ -49,6 +49,19 @@ def next_name(members: Iterable[ApiKeyInfo], base: str) -> str:
     return f"{base}.r{top + 1}"
 
 
+def recorded_key(key_id: str, base: str) -> ApiKeyInfo:
+    """A key known only by the id a Secret records (its family was not read from ZenML)."""
+    return ApiKeyInfo(
+        id=key_id,
+        name=f"{base} (id {key_id})",
+        active=True,
+        description="",
+        created=None,
+        last_rotated=None,
+        retain_period_minutes=None,
+    )
+
+
 def annotations(secret: Mapping[str, Any] | None) -> Mapping[str, str]:
     return ((secret or {}).get("metadata") or {}).get("annotations") or {}
 

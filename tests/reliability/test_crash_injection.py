@@ -275,7 +275,8 @@ async def rotate_after(run: Run) -> None:
 async def rotation_retire_setup(run: Run) -> None:
     await rotate_setup(1)(run)
     account = await run.account()
-    await run.zenml.create_api_key(account.id, "main.r9")  # a crash leftover, referenced by none
+    # A crash leftover, referenced by none, named as the next rotation's key would be.
+    await run.zenml.create_api_key(account.id, "main.r1")
 
 
 async def nothing(run: Run) -> None:
@@ -326,7 +327,7 @@ CRASH_POINTS: dict[str, Scenario] = {
     "rotation.after-secret-write": ROTATE,
     "rotation.after-restart": ROTATE,
     "rotation.after-superseded-retire": Scenario(rotate_setup(0), rotate_trigger, rotate_after),
-    # a rotation due (on demand) first retires a leftover; an idle look reads no key list
+    # a due rotation meets a leftover of its key's name (409), reads the family, retires it
     "rotation.after-retire": Scenario(rotation_retire_setup, rotate_trigger),
 }
 CRASHED: set[str] = set()  # points that crashed and recovered in this session

@@ -240,34 +240,26 @@ class RotationReconciler:
         requested = bool(self.request) and self.request != handled_request
         due = requested or now >= next_due
 
-        if self._quiet(due, ann, retention, now):
-            # Nothing due and nothing ending: no ZenML read. The ServiceAccount's resync
-            # reads this key family anyway (and enforces retention and leftovers too). A
-            # credential ZenML refused still shows here: no rotation could run with it.
+        members: list[zc.ApiKeyInfo] | None = None  # None: the family was not read
+        if self._trust_record(ann, retention, now):
+            # The last look saw the key the Secret holds and no retention just ended: no
+            # ZenML read (the ServiceAccount's resync reads this family anyway, and enforces
+            # retention and crash leftovers too). A credential ZenML refused still shows
+            # here when nothing is due: no rotation could run with it.
             refused = self.deps.zenml.login_refused
-            if refused is not None:
+            if refused is not None and not due:
                 raise refused
-            current: zc.ApiKeyInfo | None = None
             current_id = str(ann[kf.ANN_KEY_ID])
-            members: list[zc.ApiKeyInfo] = []
         else:
-            members = kf.family(await self.deps.zenml.list_api_keys(account_id), key.name)
-            current = kf.current_key(members, secret)
-            if current is None:
-                raise ReconcileProblem(
-                    "ServiceAccountNotReady",
-                    f"API key {key.name!r} has no key in ZenML yet.",
-                    retry=True,
-                )
-            current_id = current.id
-            # 2. Leftovers: keys no Secret references (crash after create), expired previous.
-            plan = kf.retire(members, current, retention, now)
-            await retire_keys(self.deps, account_id, plan, self.event, "rotation.after-retire")
-            gone = {k.id for k in plan.delete}
-            members = [m for m in members if m.id not in gone]
-        previous_protected = retention.key_id is not None and any(
-            retention.protects(m.id, now) for m in members
-        )
+            members, current_id = await self._read_family(account_id, key, secret, retention, now)
+        if members is None:
+            previous_protected = bool(retention.key_id) and retention.protects(
+                str(retention.key_id), now
+            )
+        else:
+            previous_protected = retention.key_id is not None and any(
+                retention.protects(m.id, now) for m in members
+            )
         rotating: tuple[bool, str, str] = (False, "Idle", f"Next rotation at {iso(next_due)}.")
         wake = [next_due]
         if retention.valid_until and retention.valid_until > now:
@@ -283,17 +275,37 @@ class RotationReconciler:
                 f" {iso(retention.valid_until)}; rotating now would cut it off (ZenML keeps one"
                 " previous key). The rotation runs then.",
             )
-        elif due and current is not None:
-            secret, current, count = await self.rotate(
-                spec, sa, key, account_id, secret_name, secret, current, members, count, now
-            )
+        elif due:
+            current: zc.ApiKeyInfo | None = None
+            if members is None:
+                # Name the new generation from the recorded count; a key of that name (a
+                # leftover of a crash after a create) answers 409: read the family then.
+                recorded = {current_id, retention.key_id} - {None}
+                try:
+                    secret, current, count = await self.rotate(
+                        spec, sa, key, account_id, secret_name, secret, current_id,
+                        f"{key.name}.r{count + 1}", count, now,
+                    )  # fmt: skip
+                    # What the family held as far as the Secret says: the key now previous
+                    # (deactivated below if its retention is 0) and the one it supersedes.
+                    members = [kf.recorded_key(str(i), key.name) for i in sorted(recorded)]
+                except zc.ConflictError:
+                    members, current_id = await self._read_family(
+                        account_id, key, secret, retention, now
+                    )
+            if current is None:  # the family was read: name the generation from it
+                members = members or []
+                secret, current, count = await self.rotate(
+                    spec, sa, key, account_id, secret_name, secret, current_id,
+                    kf.next_name(members, key.name), count, now,
+                )  # fmt: skip
             handled_request = self.request if requested else handled_request
             issued = now
             next_due = now + period
             retention = kf.Retention.from_secret(secret)
             # The key that was previous until now is superseded: delete it right away.
             current_id = current.id
-            members = [*members, current]
+            members = [*(members or []), current]
             await retire_keys(
                 self.deps,
                 account_id,
@@ -346,18 +358,37 @@ class RotationReconciler:
         status = {k: v for k, v in status.items() if v is not None}
         return Outcome(status, min(wake))
 
-    def _quiet(
+    async def _read_family(
         self,
-        due: bool,
-        ann: Mapping[str, str],
+        account_id: str,
+        key: ApiKeySpec,
+        secret: Mapping[str, Any],
         retention: kf.Retention,
         now: datetime.datetime,
+    ) -> tuple[list[zc.ApiKeyInfo], str]:
+        """The key family from ZenML, leftovers retired; and the id of the current key."""
+        members = kf.family(await self.deps.zenml.list_api_keys(account_id), key.name)
+        current = kf.current_key(members, secret)
+        if current is None:
+            raise ReconcileProblem(
+                "ServiceAccountNotReady",
+                f"API key {key.name!r} has no key in ZenML yet.",
+                retry=True,
+            )
+        # Leftovers: keys no Secret references (crash after create), expired previous.
+        plan = kf.retire(members, current, retention, now)
+        await retire_keys(self.deps, account_id, plan, self.event, "rotation.after-retire")
+        gone = {k.id for k in plan.delete}
+        return [m for m in members if m.id not in gone], current.id
+
+    def _trust_record(
+        self, ann: Mapping[str, str], retention: kf.Retention, now: datetime.datetime
     ) -> bool:
-        """True when this look needs no ZenML read: no rotation is due, the last look saw
-        the key the Secret holds, and no retention ended lately (the look at its end, and
-        any within one resync interval after it, deactivate the previous key)."""
+        """True when this look may act on the Secret's record without reading ZenML: the
+        last look saw the key the Secret holds, and no retention ended lately (the look at
+        its end, and any within one resync interval after it, deactivate the previous key)."""
         held = ann.get(kf.ANN_KEY_ID)
-        if due or not held or self.status.get("currentKeyId") != held:
+        if not held or self.status.get("currentKeyId") != held:
             return False
         until = retention.valid_until
         window = datetime.timedelta(seconds=self.deps.resync_seconds)
@@ -371,21 +402,19 @@ class RotationReconciler:
         account_id: str,
         secret_name: str,
         secret: Mapping[str, Any],
-        current: zc.ApiKeyInfo,
-        members: list[zc.ApiKeyInfo],
+        current_id: str,
+        name: str,
         count: int,
         now: datetime.datetime,
     ) -> tuple[Mapping[str, Any], zc.ApiKeyInfo, int]:
         await crashpoint("rotation.before-create")
-        issued = await self.deps.zenml.create_api_key(
-            account_id, kf.next_name(members, key.name), description=key.description
-        )
+        issued = await self.deps.zenml.create_api_key(account_id, name, description=key.description)
         await crashpoint("rotation.after-create")
         if not key.active:
             await self.deps.zenml.update_api_key(account_id, issued.info.id, active=False)
         valid_until = now + datetime.timedelta(minutes=spec.retain_period_minutes)
         extra = {
-            kf.ANN_PREVIOUS_KEY_ID: current.id,
+            kf.ANN_PREVIOUS_KEY_ID: current_id,
             kf.ANN_PREVIOUS_VALID_UNTIL: iso(valid_until),
             ANN_ROTATION_COUNT: str(count + 1),
         }
