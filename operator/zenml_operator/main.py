@@ -166,20 +166,15 @@ def build_registry(
         body: kopf.Body, memo: Any, logger: logging.Logger, resync: bool = False, **_: Any
     ) -> None:
         async with reconcile_slots:
-            await _tracked_service_account(body, memo, logger, resync)
-
-    async def _tracked_service_account(
-        body: kopf.Body, memo: Any, logger: logging.Logger, resync: bool
-    ) -> None:
-        with metrics.track("serviceaccount", reason_of=_reason_of) as tracked:
-            try:
-                await _reconcile_service_account(body, memo, logger, tracked, resync)
-            except KubeError as exc:
-                # The fresh read or the status write failed: the status cannot say so, but
-                # the retry must come after retry_delay, not Kopf's default minute.
-                raise kopf.TemporaryError(
-                    f"Kubernetes API error: {exc}; retrying", delay=config.retry_delay
-                ) from None
+            with metrics.track("serviceaccount", reason_of=_reason_of) as tracked:
+                try:
+                    await _reconcile_service_account(body, memo, logger, tracked, resync)
+                except KubeError as exc:
+                    # The fresh read or the status write failed: the status cannot say so,
+                    # but the retry must come after retry_delay, not Kopf's default minute.
+                    raise kopf.TemporaryError(
+                        f"Kubernetes API error: {exc}; retrying", delay=config.retry_delay
+                    ) from None
 
     async def resync_service_account(
         body: kopf.Body, memo: Any, logger: logging.Logger, **_: Any

@@ -252,14 +252,11 @@ class RotationReconciler:
             current_id = str(ann[kf.ANN_KEY_ID])
         else:
             members, current_id = await self._read_family(account_id, key, secret, retention, now)
-        if members is None:
-            previous_protected = bool(retention.key_id) and retention.protects(
-                str(retention.key_id), now
-            )
-        else:
-            previous_protected = retention.key_id is not None and any(
-                retention.protects(m.id, now) for m in members
-            )
+        # Without a read, the Secret's record stands for the family.
+        known = [m.id for m in members] if members is not None else [str(retention.key_id)]
+        previous_protected = retention.key_id is not None and any(
+            retention.protects(i, now) for i in known
+        )
         rotating: tuple[bool, str, str] = (False, "Idle", f"Next rotation at {iso(next_due)}.")
         wake = [next_due]
         if retention.valid_until and retention.valid_until > now:
@@ -276,36 +273,17 @@ class RotationReconciler:
                 " previous key). The rotation runs then.",
             )
         elif due:
-            current: zc.ApiKeyInfo | None = None
-            if members is None:
-                # Name the new generation from the recorded count; a key of that name (a
-                # leftover of a crash after a create) answers 409: read the family then.
-                recorded = {current_id, retention.key_id} - {None}
-                try:
-                    secret, current, count = await self.rotate(
-                        spec, sa, key, account_id, secret_name, secret, current_id,
-                        f"{key.name}.r{count + 1}", count, now,
-                    )  # fmt: skip
-                    # What the family held as far as the Secret says: the key now previous
-                    # (deactivated below if its retention is 0) and the one it supersedes.
-                    members = [kf.recorded_key(str(i), key.name) for i in sorted(recorded)]
-                except zc.ConflictError:
-                    members, current_id = await self._read_family(
-                        account_id, key, secret, retention, now
-                    )
-            if current is None:  # the family was read: name the generation from it
-                members = members or []
-                secret, current, count = await self.rotate(
-                    spec, sa, key, account_id, secret_name, secret, current_id,
-                    kf.next_name(members, key.name), count, now,
-                )  # fmt: skip
+            secret, current, count, members = await self._rotate_now(
+                spec, sa, key, account_id, secret_name, secret, current_id, members,
+                retention, count, now,
+            )  # fmt: skip
             handled_request = self.request if requested else handled_request
             issued = now
             next_due = now + period
             retention = kf.Retention.from_secret(secret)
             # The key that was previous until now is superseded: delete it right away.
             current_id = current.id
-            members = [*(members or []), current]
+            members = [*members, current]
             await retire_keys(
                 self.deps,
                 account_id,
@@ -357,6 +335,45 @@ class RotationReconciler:
         status["conditions"] = self.conditions(ready=ready, rotating=rotating)
         status = {k: v for k, v in status.items() if v is not None}
         return Outcome(status, min(wake))
+
+    async def _rotate_now(
+        self,
+        spec: ApiKeyRotationSpec,
+        sa: Mapping[str, Any],
+        key: ApiKeySpec,
+        account_id: str,
+        secret_name: str,
+        secret: Mapping[str, Any],
+        current_id: str,
+        members: list[zc.ApiKeyInfo] | None,
+        retention: kf.Retention,
+        count: int,
+        now: datetime.datetime,
+    ) -> tuple[Mapping[str, Any], zc.ApiKeyInfo, int, list[zc.ApiKeyInfo]]:
+        """Rotate; returns the Secret written, the new key, the count and the family known
+        before the rotation (what the superseded-key retirement then looks at)."""
+        if members is None:
+            # Name the new generation from the recorded count; a key of that name (a
+            # leftover of a crash after a create) answers 409: read the family then.
+            name = f"{key.name}.r{count + 1}"
+            try:
+                rotated = await self.rotate(
+                    spec, sa, key, account_id, secret_name, secret, current_id, name, count, now
+                )
+            except zc.ConflictError:
+                members, current_id = await self._read_family(
+                    account_id, key, secret, retention, now
+                )
+            else:
+                # The family as the Secret records it: the key now previous (deactivated
+                # at once if its retention is 0) and the one it supersedes.
+                ids = sorted({current_id, retention.key_id} - {None})
+                return *rotated, [kf.recorded_key(str(i), key.name) for i in ids]
+        name = kf.next_name(members, key.name)
+        rotated = await self.rotate(
+            spec, sa, key, account_id, secret_name, secret, current_id, name, count, now
+        )
+        return *rotated, members
 
     async def _read_family(
         self,
