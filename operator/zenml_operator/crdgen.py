@@ -90,7 +90,8 @@ def _printer_columns(kind: str) -> list[dict[str, Any]]:
     return [
         *common_head,
         {"name": "Last Rotation", "type": "date", "jsonPath": ".status.lastRotationTime"},
-        {"name": "Next Rotation", "type": "date", "jsonPath": ".status.nextRotationTime"},
+        # A string, not a date: kubectl renders a future date as `<invalid>`.
+        {"name": "Next Rotation", "type": "string", "jsonPath": ".status.nextRotationTime"},
         {
             "name": "Rotations",
             "type": "integer",
@@ -114,7 +115,12 @@ def crd(
     # Kopf and future versions may add fields; never let the API server prune them away.
     status_schema["x-kubernetes-preserve-unknown-fields"] = True
     spec_schema = openapi_schema(spec_model)
-    spec_schema["default"] = {}
+    top: dict[str, Any] = {}
+    if spec_schema.get("required"):
+        # A default must pass its own schema: `{}` would lack the required fields.
+        top["required"] = ["spec"]
+    else:
+        spec_schema["default"] = {}
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
@@ -148,6 +154,7 @@ def crd(
                                 "spec": spec_schema,
                                 "status": status_schema,
                             },
+                            **top,
                         }
                     },
                 }

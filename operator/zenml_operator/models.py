@@ -6,9 +6,11 @@ They are the single source of truth: `crdgen` turns them into the CRDs in `crds/
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "zenml.io"
@@ -21,7 +23,14 @@ DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 # A Secret data key: alphanumerics, '-', '_' or '.'.
 SECRET_DATA_KEY = r"^[-._a-zA-Z0-9]+$"
-# A Kubernetes label/annotation value is free text; keys are checked by the API server itself.
+# A label or annotation key: an optional DNS-subdomain prefix (at most 253 characters) and
+# a name of at most 63 characters (Kubernetes' "qualified name").
+QUALIFIED_NAME = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+# A label value: at most 63 characters, alphanumeric at both ends.
+LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
 MAX_DESCRIPTION = 1024
 
 
@@ -62,6 +71,27 @@ class SecretKeys(_Model):
     ] = "ZENML_STORE_API_KEY"
 
 
+def _qualified_keys_rule(what: str) -> dict[str, str]:
+    # The size bound keeps the rule's estimated cost within the API server's budget (map keys
+    # have no maxLength of their own); the operator checks the exact prefix length too.
+    pattern = QUALIFIED_NAME.replace("\\", "\\\\")
+    return cel(
+        f"self.all(k, k.size() <= 317 && k.matches('{pattern}'))",
+        f"{what} keys must be qualified names ([prefix/]name, name at most 63 characters)",
+    )
+
+
+def check_qualified_names(keys: Iterable[str], what: str) -> None:
+    """Raise ValueError naming the first key Kubernetes would refuse (not the values)."""
+    for key in keys:
+        prefix, _, name = key.rpartition("/")
+        if not re.match(QUALIFIED_NAME, key) or len(prefix) > 253 or len(name) > 63:
+            raise ValueError(f"{what} key {key!r} is not a valid qualified name")
+
+
+LabelValue = Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]
+
+
 class SecretTemplate(_Model):
     """Extra metadata and key names for the Secret that receives an API key."""
 
@@ -74,21 +104,31 @@ class SecretTemplate(_Model):
     )
 
     labels: Annotated[
-        dict[str, str],
+        dict[str, LabelValue],
         Field(
-            description="Labels added to the Secret (the operator's own labels win).", max_length=64
+            description="Labels added to the Secret (the operator's own labels win).",
+            max_length=64,
+            json_schema_extra={"x-kubernetes-validations": [_qualified_keys_rule("labels")]},
         ),
     ] = {}
     annotations: Annotated[
         dict[str, str],
         Field(
-            description="Annotations added to the Secret (the operator's own win).", max_length=64
+            description="Annotations added to the Secret (the operator's own win).",
+            max_length=64,
+            json_schema_extra={"x-kubernetes-validations": [_qualified_keys_rule("annotations")]},
         ),
     ] = {}
     keys: Annotated[
         SecretKeys,
         Field(description="Renames the Secret's data keys, e.g. for a non-ZenML client."),
     ] = SecretKeys()
+
+    @field_validator("labels", "annotations")
+    @classmethod
+    def _keys_are_qualified_names(cls, value: dict[str, str], info: ValidationInfo) -> dict:
+        check_qualified_names(value, info.field_name or "")
+        return value
 
 
 class ApiKeySpec(_Model):
@@ -190,19 +230,19 @@ class ServiceAccountSpec(_Model):
             description="API keys of the account; each is written into its own Secret.",
             max_length=32,
             json_schema_extra={
+                # Unique names are enforced by the API server itself (a list-map keyed by
+                # name, which also lets server-side apply merge keys one by one).
+                "x-kubernetes-list-type": "map",
+                "x-kubernetes-list-map-keys": ["name"],
                 "x-kubernetes-validations": [
                     cel(
-                        "self.all(k, self.exists_one(o, o.name == k.name))",
-                        "apiKeys[].name must be unique",
-                    ),
-                    cel(
-                        # Written without `||` short-circuits: cel-python (used by the
-                        # tests) evaluates both sides and fails on absent fields.
-                        "self.filter(k, has(k.secretName)).all(k, self.filter(o,"
-                        " has(o.secretName)).exists_one(o, o.secretName == k.secretName))",
+                        # Ternaries, not `||`/`&&`: cel-python (the tests' evaluator) does not
+                        # absorb the error of a missing field the way Kubernetes' CEL does.
+                        "self.all(k, has(k.secretName) ? self.exists_one(o,"
+                        " has(o.secretName) ? o.secretName == k.secretName : false) : true)",
                         "apiKeys[].secretName must be unique",
                     ),
-                ]
+                ],
             },
         ),
     ] = []
@@ -293,7 +333,9 @@ class ApiKeyRotationSpec(_Model):
         json_schema_extra={
             "x-kubernetes-validations": [
                 cel(
-                    "duration(self.period) > duration(string(self.retainPeriodMinutes) + 'm')",
+                    # Integer arithmetic, not duration(string(...)): a string built at run time
+                    # has no size bound, and the API server refuses the rule's estimated cost.
+                    "duration(self.period).getSeconds() > self.retainPeriodMinutes * 60",
                     "period must be longer than retainPeriodMinutes: ZenML keeps one previous"
                     " key, so a rotation inside the retention window would cut off the key"
                     " that workloads still hold",

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from schema_tools import admit
+from schema_tools import admit, crd_schema, default_errors
 from zenml_operator.crdgen import all_crds, render
 
 CRDS = Path(__file__).resolve().parents[2] / "crds"
@@ -59,7 +59,7 @@ def test_valid_spec_is_admitted() -> None:
         ({"name": "Not_DNS"}, "does not match"),
         ({"name": "a" * 64}, "longer than 63"),
         ({"deletionPolicy": "Purge"}, "must be one of"),
-        ({"apiKeys": [{"name": "a"}, {"name": "a"}]}, "name must be unique"),
+        ({"apiKeys": [{"name": "a"}, {"name": "a"}]}, "Duplicate value"),
         (
             {"apiKeys": [{"name": "a", "secretName": "s"}, {"name": "b", "secretName": "s"}]},
             "secretName must be unique",
@@ -83,6 +83,36 @@ def test_valid_spec_is_admitted() -> None:
 def test_bad_spec_is_rejected(spec: dict, fragment: str) -> None:
     errors = admit("ServiceAccount", spec)
     assert any(fragment in e for e in errors), errors
+
+
+@pytest.mark.parametrize("kind", ["ServiceAccount", "ApiKeyRotation"])
+def test_every_default_passes_its_own_schema(kind: str) -> None:
+    # A real API server refuses a CRD whose default fails its schema (the ApiKeyRotation
+    # spec once defaulted to {} while requiring two fields).
+    assert default_errors(crd_schema(kind)) == []
+
+
+def test_unknown_fields_are_pruned_unless_strict() -> None:
+    spec = {"apiKeys": [{"name": "a", "colour": "red"}], "unknownField": 1}
+    assert any("unknown field" in e for e in admit("ServiceAccount", spec))
+    assert admit("ServiceAccount", spec, strict=False) == []
+
+
+@pytest.mark.parametrize(
+    ("labels", "ok"),
+    [
+        ({"team": "ml", "example.com/tier": "gold", "a.b/c_d-e.f": ""}, True),
+        ({"bad key!": "x"}, False),
+        ({"team": "bad value!"}, False),
+        ({"team": "x" * 64}, False),
+        ({"n" * 64: "x"}, False),
+        ({"UPPER.example.com/x": "y"}, False),
+        ({"-leading": "y"}, False),
+    ],
+)
+def test_secret_template_labels_are_valid_kubernetes_labels(labels: dict, ok: bool) -> None:
+    spec = {"apiKeys": [{"name": "a", "secretTemplate": {"labels": labels}}]}
+    assert (admit("ServiceAccount", spec) == []) is ok
 
 
 def test_name_is_immutable() -> None:
