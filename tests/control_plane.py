@@ -303,6 +303,13 @@ def start_control_plane(
             procs=[processes["etcd"]],
         )
         url = f"https://127.0.0.1:{api_port}"
+        # Every request with its user and response code: the tier checks the operator's own
+        # requests against the chart's RBAC by reading it (no 403 allowed).
+        audit_policy = workdir / "audit-policy.yaml"
+        audit_policy.write_text(
+            "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\n"
+            "rules:\n- level: Metadata\n"
+        )
         processes["kube-apiserver"] = _spawn(
             workdir,
             "kube-apiserver",
@@ -324,6 +331,9 @@ def start_control_plane(
                 # What OpenShift enables: blockOwnerDeletion needs rights on the owner.
                 "--enable-admission-plugins=OwnerReferencesPermissionEnforcement",
                 f"--cert-dir={workdir / 'apiserver-certs'}",
+                f"--audit-policy-file={audit_policy}",
+                f"--audit-log-path={workdir / 'audit.log'}",
+                "--audit-log-format=json",
                 "--v=0",
             ],
         )

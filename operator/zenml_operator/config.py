@@ -76,4 +76,5 @@ def config_from_env(namespaces: tuple[str, ...] = ()) -> OperatorConfig:
         zenml_max_connections=int(_env_float("ZENML_OPERATOR_ZENML_MAX_CONNECTIONS", 50)),
         zenml_heavy_concurrency=int(_env_float("ZENML_OPERATOR_ZENML_HEAVY_CONCURRENCY", 8)),
         max_concurrent_reconciles=int(_env_float("ZENML_OPERATOR_MAX_CONCURRENT_RECONCILES", 64)),
+        retry_delay=_env_float("ZENML_OPERATOR_RETRY_DELAY", 15.0),
     )

@@ -65,6 +65,10 @@ OPERATOR_RULES: dict[tuple[str, str], set[str]] = {
     # intent record in handlers/service_account.ensure_account).
     ("zenml.io", "serviceaccounts/status"): {"patch"},
     ("zenml.io", "apikeyrotations/status"): {"patch"},
+    # secrets.py: the Secret's ownerReference has blockOwnerDeletion, which the
+    # OwnerReferencesPermissionEnforcement admission plugin (OpenShift; the real-apiserver
+    # tier enables it) allows only with update on the owner's finalizers.
+    ("zenml.io", "serviceaccounts/finalizers"): {"update"},
     # kube.KubeClient.get_secret / create_secret / patch_secret / delete_secret
     # (handlers/service_account.py: ensure_key, write_value, remove_key, finalize).
     # Deliberately no list/watch: the operator never enumerates Secrets.

@@ -83,6 +83,12 @@ holds the same table and fails when either side changes alone.
 - apiGroups: ["zenml.io"]
   resources: ["serviceaccounts/status", "apikeyrotations/status"]
   verbs: ["patch"]
+# Secrets carry an ownerReference to their ServiceAccount with blockOwnerDeletion (so a
+# foreground deletion waits for them); clusters with the OwnerReferencesPermissionEnforcement
+# admission plugin (OpenShift) allow that only to who may update the owner's finalizers.
+- apiGroups: ["zenml.io"]
+  resources: ["serviceaccounts/finalizers"]
+  verbs: ["update"]
 # kube.KubeClient.{get,create,patch,delete}_secret: the Secrets holding the issued keys.
 # No list/watch: the operator only touches Secrets it names.
 - apiGroups: [""]
