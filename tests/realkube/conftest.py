@@ -350,6 +350,9 @@ def installed(
         metrics_port=metrics_port,
     )
     operator.start()
+    # The minimum period (5m) runs through the real schema, started now so that its wait
+    # overlaps the rest of the tier; tests/realkube/test_zz_minimum_period.py checks it last.
+    start_minimum_period_rotation(kube)
     try:
         yield Installed(
             plane=control_plane,
@@ -360,6 +363,63 @@ def installed(
         )
     finally:
         operator.stop()
+
+
+MINIMUM_PERIOD_NAMESPACE = "min-period"
+
+
+def service_account_body(namespace: str, resource: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "zenml.io/v1alpha1",
+        "kind": "ServiceAccount",
+        "metadata": {"name": resource, "namespace": namespace},
+        "spec": {"apiKeys": [{"name": "ci"}], **spec},
+    }
+
+
+def deployment_body(namespace: str, name: str, secret: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {
+                    "containers": [
+                        {
+                            "name": "c",
+                            "image": "zenmldocker/zenml:0.98.0",
+                            "envFrom": [{"secretRef": {"name": secret}}],
+                        }
+                    ]
+                },
+            },
+        },
+    }
+
+
+def rotation_body(namespace: str, name: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "zenml.io/v1alpha1",
+        "kind": "ApiKeyRotation",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"serviceAccountName": "app", "apiKeyName": "ci", **spec},
+    }
+
+
+def start_minimum_period_rotation(kube: Kube) -> None:
+    ns = MINIMUM_PERIOD_NAMESPACE
+    kube.create("/api/v1/namespaces", {"metadata": {"name": ns}})
+    kube.create(
+        f"{GROUP_PATH}/namespaces/{ns}/serviceaccounts",
+        service_account_body(ns, "app", name=f"min-period-{uuid.uuid4().hex[:6]}"),
+    )
+    kube.create(
+        f"{GROUP_PATH}/namespaces/{ns}/apikeyrotations",
+        rotation_body(ns, "every-5m", period="5m", retainPeriodMinutes=1),
+    )
 
 
 @pytest.fixture

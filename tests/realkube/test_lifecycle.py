@@ -13,18 +13,13 @@ from realkube.conftest import (
     ZenMLProbe,
     logs_in_as,
     secret_value,
+    service_account_body,
     wait_for,
     wait_ready,
 )
 
 
-def _sa(namespace: str, resource: str, **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "zenml.io/v1alpha1",
-        "kind": "ServiceAccount",
-        "metadata": {"name": resource, "namespace": namespace},
-        "spec": {"apiKeys": [{"name": "ci"}], **spec},
-    }
+_sa = service_account_body
 
 
 def _collection(namespace: str) -> str:
