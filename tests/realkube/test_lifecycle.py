@@ -18,7 +18,6 @@ from realkube.conftest import (
     wait_ready,
 )
 
-
 _sa = service_account_body
 
 

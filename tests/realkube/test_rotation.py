@@ -65,8 +65,10 @@ def test_on_demand_rotation_with_one_minute_retention(
 
     wait_for(restarted, timeout=60, message="the Deployment's pod template restarted")
     status = wait_for(
-        lambda: (kube.get(f"{rot_path}/rot") or {}).get("status", {}).get("previousKeyValidUntil")
-        and kube.get(f"{rot_path}/rot")["status"],
+        lambda: (
+            (kube.get(f"{rot_path}/rot") or {}).get("status", {}).get("previousKeyValidUntil")
+            and kube.get(f"{rot_path}/rot")["status"]
+        ),
         timeout=30,
         message="status.previousKeyValidUntil",
     )
