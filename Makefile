@@ -4,7 +4,24 @@ VENV := .venv
 ZENML_VENV := .venv-zenml
 ZENML_VERSION := 0.98.0
 
-.PHONY: demo test bench crds clean
+.PHONY: demo test bench crds clean kube-assets
+
+# The real-apiserver tier (tests/realkube) and `make bench` use a real control plane from
+# KUBEBUILDER_ASSETS (the envtest convention). When it is unset and ../shared/kube is beside
+# the clone (with etcd installed), it is unpacked into .kube-assets; otherwise the tier is
+# skipped with a line saying how to get the binaries.
+SHARED_KUBE := ../shared/kube
+ifeq ($(origin KUBEBUILDER_ASSETS), undefined)
+ifneq ($(wildcard $(SHARED_KUBE)/unpack.sh),)
+KUBE_ASSETS_DIR := $(CURDIR)/.kube-assets
+export KUBEBUILDER_ASSETS := $(KUBE_ASSETS_DIR)
+endif
+endif
+
+kube-assets:
+ifneq ($(KUBE_ASSETS_DIR),)
+	@bash $(SHARED_KUBE)/unpack.sh $(KUBE_ASSETS_DIR) >/dev/null
+endif
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +40,7 @@ $(ZENML_VENV)/.installed:
 demo: $(VENV)/.installed $(ZENML_VENV)/.installed
 	$(VENV)/bin/zenml-operator demo
 
-test: $(VENV)/.installed $(ZENML_VENV)/.installed
+test: $(VENV)/.installed $(ZENML_VENV)/.installed kube-assets
 	$(VENV)/bin/ruff check operator tests
 	$(VENV)/bin/ruff format --check operator tests
 	$(VENV)/bin/python -m pytest
@@ -33,8 +50,8 @@ crds: $(VENV)/.installed
 	$(VENV)/bin/zenml-operator crds --output charts/zenml-operator/crds
 
 clean:
-	rm -rf $(VENV) $(ZENML_VENV) .zenml-demo .pytest_cache
+	rm -rf $(VENV) $(ZENML_VENV) .zenml-demo .pytest_cache .kube-assets
 
 # Not part of `make test`: prints figures (see tests/bench/README.md).
-bench: $(VENV)/.installed $(ZENML_VENV)/.installed
+bench: $(VENV)/.installed $(ZENML_VENV)/.installed kube-assets
 	$(VENV)/bin/python tests/bench/benchmark.py
