@@ -121,3 +121,21 @@ def test_kill_during_a_burst_of_creates_converges_without_extra_keys(
         keys = zenml.keys(account.id)
         # Exactly the declared key: no duplicate created across the kill.
         assert [k.name for k in keys] == ["ci"], (name, [k.name for k in keys])
+
+
+def test_unknown_fields_are_pruned_for_a_lax_client_and_refused_under_strict(
+    installed: Installed, namespace: str
+) -> None:
+    kube = installed.kube
+    body = _sa(namespace, "lax", name=f"lax-{namespace[-6:]}")
+    body["spec"]["colour"] = "red"
+    body["spec"]["apiKeys"][0]["ttl"] = "1h"
+    with pytest.raises(KubeError) as refused:
+        kube.create(_collection(namespace), body, fieldValidation="Strict")
+    assert refused.value.status_code == 400  # strict decoding error
+    assert 'unknown field "spec.colour"' in refused.value.body["message"]
+    # Without Strict (older kubectl, many GitOps tools) the server drops them: the operator
+    # never sees them and reconciles the rest.
+    kube.create(_collection(namespace), body)
+    obj = wait_ready(kube, f"{_collection(namespace)}/lax")
+    assert "colour" not in obj["spec"] and "ttl" not in obj["spec"]["apiKeys"][0]
