@@ -497,6 +497,10 @@ async def follow_watch(
         if last is not None:
             query["resourceVersion"] = str(last)
         async with http.stream("GET", path, params=query, timeout=None) as response:
+            if response.status_code == 429 or response.status_code >= 500:
+                # A real apiserver answers 429 while the watch cache of a new CRD initialises.
+                await asyncio.sleep(float(response.headers.get("Retry-After") or 1))
+                continue
             response.raise_for_status()
             async for line in response.aiter_lines():
                 if not line.strip():
@@ -530,6 +534,7 @@ class EmulatedKube:
         self.description = "emulated Kubernetes API (devstack.kube_emulator, in the benchmark)"
         self.counted_as = "requests the emulator served (all clients)"
         self.changes_label = "resourceVersion delta"
+        self.recording_errors: list[str] = []
 
     async def start(self, workdir: Path) -> None:
         import httpx
@@ -642,6 +647,7 @@ class RealKube:
         self._audit_counts: collections.Counter[str] = collections.Counter()
         self._recorders: list[asyncio.Task[None]] = []
         self._recorded: list[tuple[int, str, dict[str, Any]]] = []
+        self.recording_errors: list[str] = []
 
     def _versions(self) -> str:
         def version(binary: str, flag: str) -> str:
@@ -886,6 +892,7 @@ class RealKube:
     async def start_recording(self, since: int) -> None:
         """Watches from `since` on the kinds the operator writes in the namespace."""
         self._recorded = []
+        self.recording_errors = []
 
         def recorder(plural: str) -> Callable[[dict[str, Any]], bool]:
             def record(event: dict[str, Any]) -> bool:
@@ -908,8 +915,13 @@ class RealKube:
         await asyncio.sleep(1.0)  # the last events of the window in flight
         for task in self._recorders:
             task.cancel()
-        await asyncio.gather(*self._recorders, return_exceptions=True)
+        results = await asyncio.gather(*self._recorders, return_exceptions=True)
         self._recorders = []
+        self.recording_errors = [
+            repr(r)
+            for r in results
+            if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError)
+        ]
         return [(plural, event) for rv, plural, event in self._recorded if rv <= until]
 
 
@@ -1547,6 +1559,9 @@ class Bench:
             self.peak_rss.append(("operator in the idle phase (start-up wave + resyncs)", op.hwm))
         cycles = window / resync
         kube_writes = len(changes)
+        recorded = not self.kube.recording_errors
+        for error in self.kube.recording_errors:
+            self.notes.append(f"idle: a watch recording the changes failed: {error}")
         if changes:
             shown = collections.Counter(changes)
             self.detail(
@@ -1604,8 +1619,9 @@ class Bench:
             "0",
             None,
             "0",
-            kube_writes == 0 and kube_write_requests == 0,
-            f"{self.kube.changes_label} {kube_writes}, write requests {kube_write_requests}"
+            kube_writes == 0 and kube_write_requests == 0 and recorded,
+            ("" if recorded else "watch recording FAILED (see NOTE); ")
+            + f"{self.kube.changes_label} {kube_writes}, write requests {kube_write_requests}"
             f" ({self.kube.counted_as}), over {cycles:.1f} intervals of {resync:g} s",
         )
         self.add_row(
