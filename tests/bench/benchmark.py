@@ -1,4 +1,4 @@
-"""Benchmark: the operator against plain scripts, on a real ZenML server and an emulated cluster.
+"""Benchmark: the operator against plain scripts, on a real ZenML server and a real cluster.
 
     .venv/bin/python tests/bench/benchmark.py            # N=200: ~10-12 min on 2 cores
     .venv/bin/python tests/bench/benchmark.py --large    # N=1000 (memory target): ~50 min
@@ -6,10 +6,20 @@
     .venv/bin/python tests/bench/benchmark.py --help     # knobs (concurrency, timeouts, profile)
 
 Not a test (no `test_` prefix: pytest never collects it). It starts a local ZenML server
-(`devstack.zenml_server`, from `.venv-zenml`), serves the emulated Kubernetes API
-(`devstack.kube_emulator`) from THIS process, and runs the operator in a SEPARATE process
-(this file with `--_runner`, via the devstack Kopf runner) so that its CPU time and peak RSS are
-the operator's own. Each figure is measured side by side in the same run:
+(`zenml_devstack.zenml_server`, from `.venv-zenml`) and a Kubernetes API, and runs the operator
+in a SEPARATE process (this file with `--_runner`, via the devstack Kopf runner) so that its CPU
+time and peak RSS are the operator's own.
+
+The Kubernetes API (`--kube`, default auto): a REAL etcd + kube-apiserver on loopback, started
+by `tests/control_plane.py` from the binaries in KUBEBUILDER_ASSETS when they are there
+(`--kube real` insists); else the emulator (`zenml_devstack.kube_emulator`) served from THIS
+process (`--kube emulated`), whose CPU grows with the number of objects it holds. With the real
+one, the operator logs in with a kubeconfig (a token of its own ServiceAccount, bound to
+cluster-admin), the benchmark observes through the API (a watch per kind per phase, LISTs,
+a few GETs), the operator's Kubernetes requests are counted from the apiserver's audit log, and
+the CPU of kube-apiserver and etcd is reported per phase.
+
+Each figure is measured side by side in the same run:
 
 1. latency: one ServiceAccount with one key, from the POST to the Kubernetes API until the key
    in its Secret logs in to ZenML, against a script with a WARM logged-in client (as the
@@ -165,8 +175,8 @@ def runner_main() -> int:
 async def _runner(cfg: dict[str, Any], counts: collections.Counter[str]) -> None:
     import kopf
 
+    from zenml_devstack.kopf_runner import start_operator
     from zenml_operator.config import OperatorConfig
-    from zenml_operator.devstack.kopf_runner import start_operator
     from zenml_operator.main import build_registry
 
     key = cfg.pop("api_key")
@@ -372,7 +382,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def ready_condition(obj: Mapping[str, Any] | None) -> dict[str, Any] | None:
     # Imported here: the operator process runs this file too and must not load the demo.
-    from zenml_operator.demo import ready_condition as demo_ready_condition
+    from zenml_devstack.demo import ready_condition as demo_ready_condition
 
     return demo_ready_condition(obj)
 
@@ -456,7 +466,7 @@ def bench_emulator() -> Any:
     500 requests logged, 150+ ms later). This subclass keeps only the request being routed in
     the log, and per-kind counts for the report.
     """
-    from zenml_operator.devstack.kube_emulator import ClusterEmulator
+    from zenml_devstack.kube_emulator import ClusterEmulator
 
     class BenchEmulator(ClusterEmulator):  # type: ignore[misc,valid-type]
         async def _handle(self, request: Any) -> Any:
@@ -521,7 +531,7 @@ def _kube_key(verb: str, resource: str, subresource: str | None) -> str:
 
 
 class EmulatedKube:
-    """The in-process emulator (`devstack.kube_emulator`), read directly from this process.
+    """The in-process emulator (`zenml_devstack.kube_emulator`), read directly from this process.
 
     The no-assets fallback. Its CPU is this process's (with the benchmark's own): kmock's
     cost per request grows with the number of objects it holds.
@@ -531,7 +541,9 @@ class EmulatedKube:
 
     def __init__(self, n: int) -> None:
         self.n = n
-        self.description = "emulated Kubernetes API (devstack.kube_emulator, in the benchmark)"
+        self.description = (
+            "emulated Kubernetes API (zenml_devstack.kube_emulator, in the benchmark process)"
+        )
         self.counted_as = "requests the emulator served (all clients)"
         self.changes_label = "resourceVersion delta"
         self.recording_errors: list[str] = []
@@ -539,7 +551,7 @@ class EmulatedKube:
     async def start(self, workdir: Path) -> None:
         import httpx
 
-        from zenml_operator.devstack.kube_emulator import (
+        from zenml_devstack.kube_emulator import (
             add_namespace,
             declare_resources,
             serve_emulator,
@@ -969,7 +981,7 @@ class Bench:
     # --------------------------------------------------------------- set-up
 
     async def run(self) -> int:
-        from zenml_operator.devstack.zenml_server import (
+        from zenml_devstack.zenml_server import (
             create_service_account_with_key,
             find_zenml_python,
             start_zenml_server,
