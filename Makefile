@@ -37,8 +37,11 @@ $(ZENML_VENV)/.installed:
 	$(ZENML_VENV)/bin/pip install -q "zenml[server]==$(ZENML_VERSION)"
 	touch $@
 
+# The demo lives in operator/zenml_devstack (not in the operator's wheel or image); the
+# editable install puts operator/ on sys.path. Options: make demo DEMO_ARGS="--keep-running -v"
+DEMO_ARGS ?=
 demo: $(VENV)/.installed $(ZENML_VENV)/.installed
-	$(VENV)/bin/zenml-operator demo
+	$(VENV)/bin/python -m zenml_devstack.demo $(DEMO_ARGS)
 
 test: $(VENV)/.installed $(ZENML_VENV)/.installed kube-assets
 	$(VENV)/bin/ruff check operator tests

@@ -27,12 +27,12 @@ import kopf
 import pytest
 import pytest_asyncio
 
-from zenml_operator.devstack.kopf_runner import (
+from zenml_devstack.kopf_runner import (
     BackgroundOperator,
     add_login_handler,
     start_operator,
 )
-from zenml_operator.devstack.kube_emulator import (
+from zenml_devstack.kube_emulator import (
     ClusterEmulator,
     add_namespace,
     declare_resources,

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from zenml_operator.devstack.zenml_server import (
+from zenml_devstack.zenml_server import (
     ZenMLServer,
     create_service_account_with_key,
     start_zenml_server,

@@ -1,4 +1,7 @@
-"""`zenml-operator demo`: the operator end to end on one machine, with no cluster.
+"""`make demo`: the operator end to end on one machine, with no cluster.
+
+Run from a checkout: `make demo` (options: `make demo DEMO_ARGS="--keep-running -v"`), which
+is `.venv/bin/python -m zenml_devstack.demo`. Not part of the operator's wheel or image.
 
 What is real and what is not (the demo says it at the start and at the end):
 - the ZenML server is REAL: `zenml[server]` from `.venv-zenml`, on loopback, with password
@@ -17,6 +20,7 @@ ServiceAccounts and check that their deletionPolicy was applied.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import contextlib
@@ -26,6 +30,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -131,8 +136,8 @@ def _ok(flag: bool) -> str:
 def find_repo_root() -> Path:
     """The checkout that holds `crds/` and `examples/` (the demo needs both).
 
-    Looked up from this file first (editable install, `make demo`), then from the working
-    directory (a wheel install run from inside a checkout).
+    Looked up from this file first (`operator/zenml_devstack/` of the checkout), then from the
+    working directory.
     """
     for start in (Path(__file__).resolve(), Path.cwd().resolve()):
         for parent in (start, *start.parents):
@@ -220,7 +225,7 @@ class DemoCluster:
 
     def path(self, manifest: Manifest, ns: str | None, name: str | None) -> str:
         """The URL path of the manifest's collection (name None) or of one object."""
-        from zenml_operator.devstack.kube_emulator import api_path
+        from zenml_devstack.kube_emulator import api_path
 
         resource = self.served[(manifest.api_version, manifest.kind)]
         namespaced = self.emulator.resources[resource].namespaced
@@ -245,7 +250,7 @@ def served_kinds(emulator: Any) -> dict[tuple[str, str], Any]:
 
 def new_emulator(crds: list[dict[str, Any]]) -> Any:
     """A `ClusterEmulator` that serves the built-in kinds and the given CRDs (not served yet)."""
-    from zenml_operator.devstack.kube_emulator import ClusterEmulator, declare_resources
+    from zenml_devstack.kube_emulator import ClusterEmulator, declare_resources
 
     emulator = ClusterEmulator()
     declare_resources(emulator, crds=crds)
@@ -263,8 +268,8 @@ async def demo_cluster(
     handle_signals: bool = False,
 ) -> AsyncIterator[DemoCluster]:
     """Serve `emulator` with the namespaces created; run the operator on it, watching them."""
-    from zenml_operator.devstack.kopf_runner import start_operator
-    from zenml_operator.devstack.kube_emulator import add_namespace, serve_emulator
+    from zenml_devstack.kopf_runner import start_operator
+    from zenml_devstack.kube_emulator import add_namespace, serve_emulator
 
     watched = sorted(set(namespaces))
     for namespace in watched:
@@ -760,9 +765,7 @@ def _fresh_data_dir(path: Path) -> None:
             )
         shutil.rmtree(path)
     path.mkdir(parents=True)
-    (path / _DATA_DIR_MARKER).write_text(
-        "ZenML data of `zenml-operator demo`; wiped on every run.\n"
-    )
+    (path / _DATA_DIR_MARKER).write_text("ZenML data of `make demo`; wiped on every run.\n")
 
 
 def _quiet_logs(verbose: bool) -> Callable[[], None]:
@@ -845,8 +848,8 @@ def _hold_until_interrupted(
 
 
 async def run_demo(*, keep_running: bool, workdir: Path, verbose: bool = False) -> int:
-    """`zenml-operator demo`; returns the exit code (0 only if every check passed)."""
-    from zenml_operator.devstack.zenml_server import (
+    """The demo; returns the exit code (0 only if every check passed)."""
+    from zenml_devstack.zenml_server import (
         create_service_account_with_key,
         find_zenml_python,
         start_zenml_server,
@@ -923,3 +926,29 @@ async def run_demo(*, keep_running: bool, workdir: Path, verbose: bool = False) 
         " (no cluster, no pods)."
     )
     return 0 if report.ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="make demo",
+        description="A real ZenML server + an EMULATED Kubernetes API, the operator in-process."
+        ' Options go in DEMO_ARGS: make demo DEMO_ARGS="--keep-running -v".',
+    )
+    p.add_argument(
+        "--keep-running", action="store_true", help="keep the operator running after the checks"
+    )
+    p.add_argument(
+        "--workdir", default=".zenml-demo", help="where the demo ZenML server keeps its data"
+    )
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="show the operator's and Kopf's logs"
+    )
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    return asyncio.run(
+        run_demo(keep_running=args.keep_running, workdir=Path(args.workdir), verbose=args.verbose)
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -818,13 +818,13 @@ def _apply_patch(old: dict[str, Any], patch: Any, content_type: str) -> Any:
     ):
         if not isinstance(patch, dict):
             raise ApiError(400, "BadRequest", "a merge patch must be a JSON object")
-        return _merge_patch(old, patch)
+        return merge_patch(old, patch)
     raise ApiError(
         415, "UnsupportedMediaType", f"the patch content type {content_type!r} is not supported"
     )
 
 
-def _merge_patch(target: Any, patch: Any) -> Any:
+def merge_patch(target: Any, patch: Any) -> Any:
     """RFC 7386 JSON merge patch (kmock's own merge refuses a dict over a scalar)."""
     if not isinstance(patch, dict):
         return copy.deepcopy(patch)
@@ -833,7 +833,7 @@ def _merge_patch(target: Any, patch: Any) -> Any:
         if value is None:
             result.pop(key, None)
         else:
-            result[key] = _merge_patch(result.get(key), value)
+            result[key] = merge_patch(result.get(key), value)
     return result
 
 

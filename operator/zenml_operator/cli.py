@@ -1,4 +1,4 @@
-"""`zenml-operator` command line: run (real cluster), demo (local, emulated), crds."""
+"""`zenml-operator` command line: run (real cluster), crds. The local demo is `make demo`."""
 
 from __future__ import annotations
 
@@ -63,12 +63,11 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from zenml_operator.demo import run_demo
-
-    return asyncio.run(
-        run_demo(keep_running=args.keep_running, workdir=Path(args.workdir), verbose=args.verbose)
-    )
+DEMO_MOVED = (
+    "zenml-operator demo: the demo is not part of the installed operator. Run it from a"
+    " checkout of zenml-operator: `make demo` (options: make demo"
+    ' DEMO_ARGS="--keep-running -v").'
+)
 
 
 def _crds(args: argparse.Namespace) -> int:
@@ -102,19 +101,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("-v", "--verbose", action="store_true")
     run.set_defaults(func=_run)
 
-    demo = sub.add_parser(
-        "demo", help="local demo: a real ZenML server + an EMULATED Kubernetes API"
-    )
-    demo.add_argument(
-        "--keep-running", action="store_true", help="keep the operator running after the checks"
-    )
-    demo.add_argument(
-        "--workdir", default=".zenml-demo", help="where the demo ZenML server keeps its data"
-    )
-    demo.add_argument(
-        "-v", "--verbose", action="store_true", help="show the operator's and Kopf's logs"
-    )
-    demo.set_defaults(func=_demo)
+    # Listed only to point old habits at the checkout's `make demo` (see `main`).
+    sub.add_parser("demo", help="moved: run `make demo` in a checkout")
 
     crds = sub.add_parser("crds", help="write the CRDs generated from the models")
     crds.add_argument("--output", default="crds")
@@ -123,6 +111,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["demo"]:  # whatever its options: they belong to `make demo` now
+        print(DEMO_MOVED, file=sys.stderr)
+        return 2
     args = parser().parse_args(argv)
     if args.command != "run":  # `run` logs through kopf.configure (a second handler doubles lines)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

@@ -10,8 +10,8 @@ import kopf
 import pytest_asyncio
 
 from fixtures_kube import Cluster
+from zenml_devstack.kopf_runner import BackgroundOperator
 from zenml_operator.config import OperatorConfig
-from zenml_operator.devstack.kopf_runner import BackgroundOperator
 from zenml_operator.main import build_registry
 from zenml_operator.zenml_client import ZenMLClient
 

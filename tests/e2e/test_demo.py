@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from zenml_operator.demo import (
+from zenml_devstack.demo import (
     Manifest,
     find_repo_root,
     load_examples,
@@ -19,7 +19,7 @@ from zenml_operator.demo import (
     run_examples,
     skip_reason,
 )
-from zenml_operator.devstack.zenml_server import find_zenml_python
+from zenml_devstack.zenml_server import find_zenml_python
 from zenml_operator.models import ServiceAccountSpec
 
 ROOT = find_repo_root()

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from zenml_operator.devstack.zenml_server import (
+from zenml_devstack.zenml_server import (
     ZenMLServer,
     _free_port,
     create_service_account_with_key,

@@ -16,11 +16,11 @@ import pytest
 import pytest_asyncio
 
 from fixtures_kube import Cluster
+from zenml_devstack.kopf_runner import BackgroundOperator
+from zenml_devstack.zenml_server import ZenMLServer, start_zenml_server
 from zenml_operator import crashpoints
 from zenml_operator import zenml_client as zc
 from zenml_operator.config import OperatorConfig
-from zenml_operator.devstack.kopf_runner import BackgroundOperator
-from zenml_operator.devstack.zenml_server import ZenMLServer, start_zenml_server
 from zenml_operator.main import build_registry
 
 StartOperator = Callable[..., Awaitable[tuple[BackgroundOperator, kopf.Memo]]]

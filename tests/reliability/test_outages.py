@@ -38,7 +38,7 @@ from reliability.helpers import (
     wait_warnings,
     writes_to,
 )
-from zenml_operator.devstack.zenml_server import (
+from zenml_devstack.zenml_server import (
     create_service_account_with_key,
     start_zenml_server,
 )

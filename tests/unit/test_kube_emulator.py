@@ -13,7 +13,7 @@ import kopf
 import pytest
 
 from fixtures_kube import Cluster, OperatorFactory
-from zenml_operator.devstack.kube_emulator import (
+from zenml_devstack.kube_emulator import (
     ClusterEmulator,
     api_path,
     declare_resources,

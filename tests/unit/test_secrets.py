@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from zenml_devstack.kube_emulator import merge_patch
 from zenml_operator import secrets as sec
-from zenml_operator.dicts import merge_patch
 from zenml_operator.models import ApiKeySpec
 
 OWNER = {"metadata": {"name": "ci", "namespace": "team-a", "uid": "uid-1"}}
