@@ -16,7 +16,8 @@ from zenml_devstack.zenml_server import (
     create_service_account_with_key,
     start_zenml_server,
 )
-from zenml_operator.zenml_client import ZenMLClient, login_with_api_key
+from zenml_login import login_with_api_key
+from zenml_operator.zenml_api import ZenMLClient
 
 OPERATOR_ACCOUNT = "zenml-operator"
 
@@ -56,7 +57,7 @@ async def zenml_client(
     client = ZenMLClient(zenml_server.url, operator_api_key)
     # An API-key login costs the server ~0.3-1 s of bcrypt: seed the token logged in once
     # per session. The client still logs in by itself when the server rejects it.
-    client._token = _operator_token
+    client._connection._token = _operator_token
     try:
         yield client
     finally:

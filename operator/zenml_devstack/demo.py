@@ -43,7 +43,7 @@ import kopf
 import yaml
 
 from zenml_operator import secrets as sec
-from zenml_operator import zenml_client as zc
+from zenml_operator import zenml_api as zc
 from zenml_operator.config import OperatorConfig
 from zenml_operator.main import build_registry
 from zenml_operator.models import GROUP, ServiceAccountSpec

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import httpx
 
-from zenml_operator.zenml_client import API_PREFIX, no_cookie_jar
+from zenml_operator.zenml_api.connection import no_cookie_jar
+from zenml_operator.zenml_api.routes import API_PREFIX
 
 ZENML_VERSION = "0.98.0"
 _VENV_DIR = ".venv-zenml"

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from zenml_operator.zenml_api import API_KEY_PREFIX
+
+API_KEY_ENV = "ZENML_STORE_API_KEY"
+API_KEY_FILE_ENV = "ZENML_STORE_API_KEY_FILE"
 
 
 @dataclass(frozen=True)
@@ -47,9 +53,47 @@ def _env_float(name: str, default: float) -> float:
         raise ValueError(f"{name} must be a number, got {raw!r}") from exc
 
 
-def config_from_env(namespaces: tuple[str, ...] = ()) -> OperatorConfig:
-    from zenml_operator.zenml_client import api_key_from_env
+def _validate_api_key(value: str, source: str) -> str:
+    value = value.strip()
+    if not value:
+        raise ValueError(f"{source} is empty: set it to a ZenML service account API key")
+    if not value.startswith(API_KEY_PREFIX) or len(value) <= len(API_KEY_PREFIX):
+        raise ValueError(
+            f"{source} does not hold a ZenML API key (expected a value starting with "
+            f"{API_KEY_PREFIX!r})"
+        )
+    return value
 
+
+def api_key_from_env(environ: Mapping[str, str] | None = None) -> str | Callable[[], str]:
+    """The operator's own credential from the environment.
+
+    `ZENML_STORE_API_KEY_FILE` wins and yields a callable that re-reads the file on every
+    login, so a rotated Secret mounted as a volume is picked up without a restart.
+    Otherwise `ZENML_STORE_API_KEY` is returned as a string. Error messages name the
+    variable or the file, never the value.
+    """
+    env = os.environ if environ is None else environ
+    file_name = env.get(API_KEY_FILE_ENV, "").strip()
+    if file_name:
+        path = Path(file_name)
+        source = f"{API_KEY_FILE_ENV} ({path})"
+
+        def read_key() -> str:
+            try:
+                text = path.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ValueError(f"cannot read {source}: {exc.strerror}") from None
+            return _validate_api_key(text, source)
+
+        read_key()  # fail at start-up, not at the first login
+        return read_key
+    if API_KEY_ENV not in env:
+        raise ValueError(f"{API_KEY_ENV} (or {API_KEY_FILE_ENV}) is not set")
+    return _validate_api_key(env[API_KEY_ENV], API_KEY_ENV)
+
+
+def config_from_env(namespaces: tuple[str, ...] = ()) -> OperatorConfig:
     url = os.environ.get("ZENML_STORE_URL", "").strip()
     if not url.startswith(("http://", "https://")):
         raise ValueError(

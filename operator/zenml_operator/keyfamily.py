@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from zenml_operator.zenml_client import ApiKeyInfo
+from zenml_operator.zenml_api import ApiKeyInfo
 
 ANN_PREVIOUS_KEY_ID = "zenml.io/previous-api-key-id"
 ANN_PREVIOUS_VALID_UNTIL = "zenml.io/previous-key-valid-until"

@@ -15,7 +15,7 @@ from typing import Any
 
 import kopf
 
-from zenml_operator import zenml_client as zc
+from zenml_operator import zenml_api as zc
 from zenml_operator.config import OperatorConfig
 from zenml_operator.handlers import rotation as rot
 from zenml_operator.handlers import service_account as sa

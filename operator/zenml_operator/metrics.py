@@ -11,7 +11,7 @@ tables (they are only touched from the loop), and a blocked loop shows up as fai
 probes instead of stale but cheerful answers.
 
 Labels never hold a key value, a token, or a ZenML path as sent: ZenML endpoints are route
-templates (`zenml_client.route_template`), resources are named by their Kubernetes
+templates (`zenml_api.routes.route_template`), resources are named by their Kubernetes
 namespace/name and key names only.
 """
 

@@ -13,7 +13,7 @@ from fixtures_kube import Cluster
 from zenml_devstack.kopf_runner import BackgroundOperator
 from zenml_operator.config import OperatorConfig
 from zenml_operator.main import build_registry
-from zenml_operator.zenml_client import ZenMLClient
+from zenml_operator.zenml_api import ZenMLClient
 
 SA_PATH = "/apis/zenml.io/v1alpha1/namespaces/{ns}/serviceaccounts"
 SECRET_PATH = "/api/v1/namespaces/{ns}/secrets/{name}"
@@ -84,7 +84,7 @@ def secret_value(secret: dict[str, Any], key: str = "ZENML_STORE_API_KEY") -> st
 
 async def logs_in_as(url: str, api_key: str) -> str | None:
     """The account name this key logs in as, or None if ZenML refuses it."""
-    from zenml_operator.zenml_client import NotFoundError, UnauthorizedError
+    from zenml_operator.zenml_api import NotFoundError, UnauthorizedError
 
     client = ZenMLClient(url, api_key, max_retries=0)
     try:

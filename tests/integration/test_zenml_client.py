@@ -17,7 +17,9 @@ from zenml_devstack.zenml_server import (
     _free_port,
     create_service_account_with_key,
 )
-from zenml_operator.zenml_client import (
+from zenml_login import login_with_api_key
+from zenml_operator.config import api_key_from_env
+from zenml_operator.zenml_api import (
     ApiKeyValue,
     BadRequestError,
     ConflictError,
@@ -29,8 +31,6 @@ from zenml_operator.zenml_client import (
     UnavailableError,
     ZenMLClient,
     ZenMLError,
-    api_key_from_env,
-    login_with_api_key,
 )
 
 pytestmark = pytest.mark.zenml
@@ -46,6 +46,16 @@ async def account(zenml_client: ZenMLClient) -> AsyncIterator[ServiceAccountInfo
     yield info
     with contextlib.suppress(NotFoundError):
         await zenml_client.delete_service_account(info.id)
+
+
+class Requests:
+    """Counts HTTP attempts (retries included) through the client's observer hook."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, method: str, route: str, status: int | None, seconds: float) -> None:
+        self.count += 1
 
 
 async def assert_login_fails(url: str, key: ApiKeyValue) -> None:
@@ -249,32 +259,35 @@ async def test_deactivated_account_disables_its_keys(
 async def test_logs_in_lazily_and_again_when_token_is_rejected(
     zenml_server: ZenMLServer, operator_api_key: str
 ) -> None:
-    async with ZenMLClient(zenml_server.url, operator_api_key) as client:
-        assert client.request_count == 0  # no login before the first call
+    requests = Requests()
+    async with ZenMLClient(zenml_server.url, operator_api_key, observer=requests) as client:
+        assert requests.count == 0  # no login before the first call
         assert await client.current_user_name() == "zenml-operator"
-        assert client.request_count == 2  # login + call
+        assert requests.count == 2  # login + call
         assert await client.current_user_name() == "zenml-operator"
-        assert client.request_count == 3  # token reused
-        client._token = "not-a-valid-token"
+        assert requests.count == 3  # token reused
+        client._connection._token = "not-a-valid-token"
         assert await client.current_user_name() == "zenml-operator"
-        assert client.request_count == 6  # rejected call + login + retried call
+        assert requests.count == 6  # rejected call + login + retried call
 
 
 async def test_keeps_no_cookies(zenml_server: ZenMLServer, operator_api_key: str) -> None:
     # The server sets a session cookie at login and prefers it over the bearer token.
-    async with ZenMLClient(zenml_server.url, operator_api_key) as client:
+    requests = Requests()
+    async with ZenMLClient(zenml_server.url, operator_api_key, observer=requests) as client:
         await client.current_user_name()
-        assert client.request_count == 2  # a real login happened
-        assert list(client._http.cookies.jar) == []
+        assert requests.count == 2  # a real login happened
+        assert list(client._connection._http.cookies.jar) == []
 
 
 async def test_concurrent_callers_share_one_login(
     zenml_server: ZenMLServer, operator_api_key: str
 ) -> None:
-    async with ZenMLClient(zenml_server.url, operator_api_key) as client:
+    requests = Requests()
+    async with ZenMLClient(zenml_server.url, operator_api_key, observer=requests) as client:
         names = await asyncio.gather(*(client.current_user_name() for _ in range(10)))
         assert set(names) == {"zenml-operator"}
-        assert client.request_count == 11
+        assert requests.count == 11
 
 
 class CountingTransport(httpx.AsyncBaseTransport):
@@ -358,7 +371,7 @@ async def test_key_re_read_from_callable_on_login(
 
     async with ZenMLClient(zenml_server.url, read) as client:
         await client.current_user_name()
-        client._token = "stale"
+        client._connection._token = "stale"
         await client.current_user_name()
     assert len(calls) == 2
 
@@ -425,22 +438,28 @@ async def test_reprs_never_show_the_key_value(
 
 async def test_closed_port_is_unavailable_fast() -> None:
     url = f"http://127.0.0.1:{_free_port()}"
-    async with ZenMLClient(url, "ZENKEY_x", max_retries=2, backoff=0.01, timeout=2) as client:
+    requests = Requests()
+    async with ZenMLClient(
+        url, "ZENKEY_x", max_retries=2, backoff=0.01, timeout=2, observer=requests
+    ) as client:
         with pytest.raises(UnavailableError) as caught:
             await client.get_service_account("x")
-        assert client.request_count == 3
+        assert requests.count == 3
     assert "unreachable" in str(caught.value) and caught.value.status_code is None
     with pytest.raises(UnavailableError):
         await login_with_api_key(url, "ZENKEY_x")
 
 
-def mock_client(handler: Callable[[httpx.Request], httpx.Response]) -> ZenMLClient:
+def mock_client(
+    handler: Callable[[httpx.Request], httpx.Response], requests: Requests | None = None
+) -> ZenMLClient:
     return ZenMLClient(
         "http://zenml.test/",
         "ZENKEY_test",
         max_retries=2,
         backoff=0.001,
         transport=httpx.MockTransport(handler),
+        observer=requests,
     )
 
 
@@ -464,9 +483,11 @@ async def test_idempotent_calls_retry_5xx() -> None:
     answers = iter([503, 502, 200])
     account = {"id": "1", "name": "a", "body": {"active": True}, "metadata": None}
 
-    async with mock_client(login_or(lambda r: httpx.Response(next(answers), json=account))) as c:
+    requests = Requests()
+    respond = login_or(lambda r: httpx.Response(next(answers), json=account))
+    async with mock_client(respond, requests) as c:
         assert (await c.get_service_account("a")).description == ""
-        assert c.request_count == 4
+        assert requests.count == 4
 
 
 async def test_creates_are_not_retried_after_ambiguous_failures() -> None:
@@ -475,14 +496,15 @@ async def test_creates_are_not_retried_after_ambiguous_failures() -> None:
             raise httpx.ReadTimeout("slow", request=request)
         return httpx.Response(503, json={"detail": ["Boom", "down"]})
 
-    async with mock_client(login_or(fail)) as c:
+    requests = Requests()
+    async with mock_client(login_or(fail), requests) as c:
         with pytest.raises(UnavailableError) as caught:
             await c.create_service_account("a")
         assert caught.value.status_code == 503 and "down" in str(caught.value)
-        assert c.request_count == 2  # login + one create
+        assert requests.count == 2  # login + one create
         with pytest.raises(UnavailableError):
             await c.rotate_api_key("1", "2")
-        assert c.request_count == 3
+        assert requests.count == 3
 
 
 async def test_creates_are_retried_when_never_sent() -> None:

@@ -205,7 +205,7 @@ class ZenMLProbe:
     """
 
     def __init__(self, url: str, api_key: str) -> None:
-        from zenml_operator.zenml_client import ZenMLClient
+        from zenml_operator.zenml_api import ZenMLClient
 
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -217,7 +217,7 @@ class ZenMLProbe:
 
     def account(self, name: str) -> Any:
         """ZenML's service account of that name, or None."""
-        from zenml_operator.zenml_client import NotFoundError
+        from zenml_operator.zenml_api import NotFoundError
 
         try:
             return self._run(self._client.get_service_account(name))
@@ -484,7 +484,7 @@ def secret_value(secret: dict[str, Any], key: str = "ZENML_STORE_API_KEY") -> st
 
 def logs_in_as(url: str, api_key: str) -> str | None:
     """The account this key logs in to ZenML as, or None when ZenML refuses it."""
-    from zenml_operator.zenml_client import NotFoundError, UnauthorizedError, ZenMLClient
+    from zenml_operator.zenml_api import NotFoundError, UnauthorizedError, ZenMLClient
 
     async def run() -> str | None:
         client = ZenMLClient(url, api_key, max_retries=0)

@@ -19,9 +19,10 @@ from fixtures_kube import Cluster
 from zenml_devstack.kopf_runner import BackgroundOperator
 from zenml_devstack.zenml_server import ZenMLServer, start_zenml_server
 from zenml_operator import crashpoints
-from zenml_operator import zenml_client as zc
+from zenml_operator import zenml_api as zc
 from zenml_operator.config import OperatorConfig
 from zenml_operator.main import build_registry
+from zenml_operator.zenml_api.connection import ZenMLConnection
 
 StartOperator = Callable[..., Awaitable[tuple[BackgroundOperator, kopf.Memo]]]
 
@@ -116,14 +117,14 @@ def operator_login_cached(
     suites that restart operators many times and are not about logging in skip that. Every
     other login (the keys the operator issued, checked by the tests) stays real.
     """
-    login = zc.ZenMLClient._login
+    login = ZenMLConnection._login
 
-    async def cached(self: zc.ZenMLClient) -> str:
+    async def cached(self: ZenMLConnection) -> str:
         if self._username is None and self._read_secret() == operator_api_key:
             return _operator_token
         return await login(self)
 
-    monkeypatch.setattr(zc.ZenMLClient, "_login", cached)
+    monkeypatch.setattr(ZenMLConnection, "_login", cached)
 
 
 # --- a second ZenML server, for the outage test (the session's shared one is never stopped) ---

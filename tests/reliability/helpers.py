@@ -15,7 +15,7 @@ from e2e.conftest import logs_in_as, ready
 from fixtures_kube import Cluster
 from zenml_operator import keyfamily as kf
 from zenml_operator import secrets as sec
-from zenml_operator import zenml_client as zc
+from zenml_operator import zenml_api as zc
 
 NS = "default"
 SA_LIST = "/apis/zenml.io/v1alpha1/namespaces/{ns}/serviceaccounts"

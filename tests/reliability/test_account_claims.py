@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from zenml_operator import zenml_client as zc
+from zenml_operator import zenml_api as zc
 from zenml_operator.handlers.common import Deps, ReconcileProblem
 from zenml_operator.handlers.service_account import ServiceAccountReconciler, parse_spec
 

@@ -32,8 +32,7 @@ from reliability.helpers import (
     wait_warnings,
 )
 from zenml_devstack.zenml_server import create_service_account_with_key
-from zenml_operator.config import config_from_env
-from zenml_operator.zenml_client import api_key_from_env
+from zenml_operator.config import api_key_from_env, config_from_env
 
 A_KEY = "ZENKEY_" + "x" * 40
 SECRET_LOOKING = "hunter2-do-not-print"

@@ -29,7 +29,7 @@ from reliability.helpers import NS, unique
 from reliability.test_rbac import bindings, observed, render
 from zenml_devstack import kopf_runner
 from zenml_devstack.kube_emulator import declare_resources
-from zenml_operator import zenml_client as zc
+from zenml_operator import zenml_api as zc
 from zenml_operator.config import OperatorConfig
 from zenml_operator.main import build_registry
 

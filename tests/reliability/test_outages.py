@@ -42,7 +42,7 @@ from zenml_devstack.zenml_server import (
     create_service_account_with_key,
     start_zenml_server,
 )
-from zenml_operator.zenml_client import ZenMLClient
+from zenml_operator.zenml_api import ZenMLClient
 
 SCENARIOS: dict[str, list[str]] = {}  # test -> the outage scenarios it covered
 

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from reliability.helpers import NS, deployment_body, unique
-from zenml_operator import zenml_client as zc
+from zenml_operator import zenml_api as zc
 
 if platform.machine().lower() == "aarch64":  # helm-python-sdk ships no linux-arm64 wheel yet
     helm = pytest.importorskip("helm_python")

@@ -8,8 +8,9 @@ import uuid
 import httpx
 import pytest
 
-from zenml_operator import zenml_client as zc
+from zenml_operator import zenml_api as zc
 from zenml_operator.metrics import Metrics, error_kind
+from zenml_operator.zenml_api.routes import route_template
 
 ID = "3f2b6a1c-9d4e-4c1a-8b7f-0123456789ab"
 ID2 = uuid.uuid4().hex  # ZenML also accepts the hex form
@@ -62,7 +63,7 @@ ID2 = uuid.uuid4().hex  # ZenML also accepts the hex form
     ],
 )
 def test_route_template(path: str, template: str) -> None:
-    assert zc.route_template(path) == template
+    assert route_template(path) == template
 
 
 def test_error_kinds() -> None:

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 import pydantic
 
-from zenml_operator import zenml_client as zc
+from zenml_operator import zenml_api as zc
 from zenml_operator.kube import KubeClient, KubeError
 
 

@@ -27,7 +27,7 @@ import pydantic
 
 from zenml_operator import keyfamily as kf
 from zenml_operator import secrets as sec
-from zenml_operator import zenml_client as zc
+from zenml_operator import zenml_api as zc
 from zenml_operator.conditions import now_iso, set_condition
 from zenml_operator.crashpoints import crashpoint
 from zenml_operator.handlers.common import (
