@@ -526,6 +526,7 @@ async def follow_watch(
     """Follow a watch until `on_event` returns True; re-opened from the last resourceVersion
     seen when the server ends it (a real apiserver ends watches after its request timeout)."""
     last = since
+    retries = 0
     while True:
         query = {"watch": "true", **(params or {})}
         if last is not None:
@@ -542,7 +543,14 @@ async def follow_watch(
                 event = json.loads(line)
                 obj = event.get("object") or {}
                 if event.get("type") == "ERROR":
-                    raise RuntimeError(f"watch {path}: {obj.get('message')}")
+                    # 504 "Too large resource version": the apiserver's watch cache lagged
+                    # (a loaded machine); retry from the same point. 410 Gone is fatal.
+                    if obj.get("code") == 410 or retries >= 30:
+                        raise RuntimeError(f"watch {path}: {obj.get('message')}")
+                    retries += 1
+                    retry_after = (obj.get("details") or {}).get("retryAfterSeconds") or 1
+                    await asyncio.sleep(float(retry_after))
+                    break
                 rv = (obj.get("metadata") or {}).get("resourceVersion")
                 if rv:
                     last = int(rv)
