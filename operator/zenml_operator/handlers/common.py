@@ -53,10 +53,14 @@ class Deps:
             event = self.wakeups[uid] = asyncio.Event()
         return event
 
-    def forget(self, uid: str) -> None:
+    def forget(self, uid: str, *, secrets: Iterable[tuple[str, str]] = ()) -> None:
+        """Drop what was kept for a gone object: its lock, its wake-up, and the locks of the
+        Secrets it owned ((namespace, name)), so that none outlives its object."""
         self.locks.pop(uid, None)
         self.wakeups.pop(uid, None)
         self.looked_at.pop(uid, None)
+        for namespace, name in secrets:
+            self.locks.pop(secret_lock(namespace, name), None)
 
 
 class ReconcileProblem(Exception):
@@ -71,6 +75,19 @@ class ReconcileProblem(Exception):
         self.reason = reason
         self.message = message
         self.retry = retry
+
+
+@dataclass
+class Outcome:
+    """What one reconcile decided: the full status to converge on (the runner writes only
+    what differs), the problem that ended it early if any, and when to look again."""
+
+    status: dict[str, Any]
+    problem: ReconcileProblem | None = None
+    wake_at: datetime.datetime | None = None  # when the object needs attention again
+    # Status fields already written during the run (an intent recorded before a ZenML
+    # create; None: removed), so that the final write is a diff against what is really there.
+    recorded: dict[str, Any] = field(default_factory=dict)
 
 
 def invalid_spec(exc: pydantic.ValidationError | ValueError) -> ReconcileProblem:
@@ -151,15 +168,18 @@ async def retire_keys(
     account_id: str,
     plan: Any,
     event: Callable[[str, str, str], None],
-    crash_name: str,
+    crash_after_deactivate: str,
+    crash_after_delete: str,
 ) -> None:
-    """Carry out a keyfamily.Retirement: deactivate the expired previous key, delete the rest."""
+    """Carry out a keyfamily.Retirement: deactivate the expired previous key, delete the rest.
+
+    Each branch has a crash point of its own (named by the caller)."""
     from zenml_operator.crashpoints import crashpoint
 
     for key in plan.deactivate:
         with contextlib.suppress(zc.NotFoundError):
             await deps.zenml.update_api_key(account_id, key.id, active=False)
-        await crashpoint(crash_name)
+        await crashpoint(crash_after_deactivate)
         event(
             "Normal",
             "ApiKeyExpired",
@@ -168,7 +188,7 @@ async def retire_keys(
     for key in plan.delete:
         with contextlib.suppress(zc.NotFoundError):
             await deps.zenml.delete_api_key(account_id, key.id)
-        await crashpoint(crash_name)
+        await crashpoint(crash_after_delete)
         event(
             "Normal",
             "ApiKeyRetired",

@@ -21,18 +21,19 @@ import datetime
 import logging
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import pydantic
 
 from zenml_operator import keyfamily as kf
+from zenml_operator import policies as pol
 from zenml_operator import secrets as sec
 from zenml_operator import zenml_api as zc
 from zenml_operator.conditions import iso, set_condition
 from zenml_operator.crashpoints import crashpoint
 from zenml_operator.handlers.common import (
     Deps,
+    Outcome,
     ReconcileProblem,
     classify,
     invalid_spec,
@@ -71,13 +72,6 @@ def parse_duration(text: str) -> datetime.timedelta:
         raise ValueError(f"not a duration: {text!r} (use e.g. 720h, 90m, 45s)")
     unit = {"h": 3600.0, "m": 60.0, "s": 1.0}
     return datetime.timedelta(seconds=sum(float(n) * unit[u] for n, u in parts))
-
-
-@dataclass
-class Outcome:
-    status: dict[str, Any]
-    wake_at: datetime.datetime | None  # when this rotation needs attention again
-    problem: ReconcileProblem | None = None
 
 
 class RotationReconciler:
@@ -209,7 +203,7 @@ class RotationReconciler:
                 ready=(False, problem.reason, problem.message),
                 rotating=(False, problem.reason, "No rotation can run: see Ready."),
             )
-            return Outcome(status, None, problem)
+            return Outcome(status, problem)
 
     async def _run_locked(
         self,
@@ -232,13 +226,16 @@ class RotationReconciler:
             )
         ann = kf.annotations(secret)
         retention = kf.Retention.from_secret(secret)
-        # 1. Decide whether a rotation is due, from the times recorded in the Secret only.
+        # 1. Whether a rotation is due, from the times recorded in the Secret only.
         count = int(ann.get(ANN_ROTATION_COUNT, "0") or 0)
         issued = parse_time(ann.get(sec.ANN_ISSUED_AT)) or now
-        next_due = issued + period
         handled_request = ann.get(ANN_ROTATE_REQUEST, "")
-        requested = bool(self.request) and self.request != handled_request
-        due = requested or now >= next_due
+        due = pol.rotation_due(
+            now=now,
+            next_due=issued + period,
+            request=self.request,
+            answered_request=handled_request,
+        )
 
         members: list[zc.ApiKeyInfo] | None = None  # None: the family was not read
         if self._trust_record(ann, retention, now):
@@ -254,17 +251,24 @@ class RotationReconciler:
             members, current_id = await self._read_family(account_id, key, secret, retention, now)
         # Without a read, the Secret's record stands for the family.
         known = [m.id for m in members] if members is not None else [str(retention.key_id)]
-        previous_protected = retention.key_id is not None and any(
-            retention.protects(i, now) for i in known
+        plan = pol.plan_rotation(
+            now=now,
+            period=period,
+            suspend=spec.suspend,
+            issued_at=issued,
+            request=self.request,
+            answered_request=handled_request,
+            previous_valid_until=retention.valid_until,
+            previous_protected=retention.key_id is not None
+            and any(retention.protects(i, now) for i in known),
         )
+        next_due = plan.next_due
         rotating: tuple[bool, str, str] = (False, "Idle", f"Next rotation at {iso(next_due)}.")
-        wake = [next_due]
-        if retention.valid_until and retention.valid_until > now:
-            wake.append(retention.valid_until)
+        wake = [plan.wake_at]
 
-        if spec.suspend:
+        if plan.action is pol.RotationAction.SUSPENDED:
             rotating = (False, "Suspended", "spec.suspend is true: no rotation runs.")
-        elif due and previous_protected:
+        elif plan.action is pol.RotationAction.WAIT_FOR_RETENTION:
             rotating = (
                 True,
                 "WaitingForRetention",
@@ -272,12 +276,12 @@ class RotationReconciler:
                 f" {iso(retention.valid_until)}; rotating now would cut it off (ZenML keeps one"
                 " previous key). The rotation runs then.",
             )
-        elif due:
+        elif plan.action is pol.RotationAction.ROTATE:
             secret, current, count, members = await self._rotate_now(
                 spec, sa, key, account_id, secret_name, secret, current_id, members,
                 retention, count, now,
             )  # fmt: skip
-            handled_request = self.request if requested else handled_request
+            handled_request = self.request if plan.requested else handled_request
             issued = now
             next_due = now + period
             retention = kf.Retention.from_secret(secret)
@@ -289,7 +293,8 @@ class RotationReconciler:
                 account_id,
                 kf.retire(members, current, retention, now),
                 self.event,
-                "rotation.after-superseded-retire",
+                "rotation.after-superseded-deactivate",
+                "rotation.after-superseded-delete",
             )
             wake = [next_due]
             if retention.valid_until and retention.valid_until > now:
@@ -298,7 +303,11 @@ class RotationReconciler:
 
         # 3. Restarts owed for the key now in the Secret (made once per key).
         restart_problem = None
-        if count > 0 and self.status.get("restartedForKeyId") != current_id:
+        if pol.restart_owed(
+            rotation_count=count,
+            restarted_for=self.status.get("restartedForKeyId"),
+            current_key_id=current_id,
+        ):
             restart_problem = await self.restart_targets(spec, current_id, now)
         status["restartedForKeyId"] = (
             current_id
@@ -334,7 +343,7 @@ class RotationReconciler:
             )
         status["conditions"] = self.conditions(ready=ready, rotating=rotating)
         status = {k: v for k, v in status.items() if v is not None}
-        return Outcome(status, min(wake))
+        return Outcome(status, wake_at=min(wake))
 
     async def _rotate_now(
         self,
@@ -394,7 +403,14 @@ class RotationReconciler:
             )
         # Leftovers: keys no Secret references (crash after create), expired previous.
         plan = kf.retire(members, current, retention, now)
-        await retire_keys(self.deps, account_id, plan, self.event, "rotation.after-retire")
+        await retire_keys(
+            self.deps,
+            account_id,
+            plan,
+            self.event,
+            "rotation.after-retire-deactivate",
+            "rotation.after-retire-delete",
+        )
         gone = {k.id for k in plan.delete}
         return [m for m in members if m.id not in gone], current.id
 

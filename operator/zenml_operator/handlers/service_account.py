@@ -26,12 +26,14 @@ import httpx
 import pydantic
 
 from zenml_operator import keyfamily as kf
+from zenml_operator import policies as pol
 from zenml_operator import secrets as sec
 from zenml_operator import zenml_api as zc
 from zenml_operator.conditions import now_iso, set_condition
 from zenml_operator.crashpoints import crashpoint
 from zenml_operator.handlers.common import (
     Deps,
+    Outcome,
     ReconcileProblem,
     classify,
     invalid_spec,
@@ -112,6 +114,8 @@ class ServiceAccountReconciler:
         self.generation: int | None = meta.get("generation")
         self.status: dict[str, Any] = dict(body.get("status") or {})
         self.created_account = False  # this run created the account: it has no keys yet
+        # Status fields this run wrote before its end (the create intent), for the runner.
+        self.recorded: dict[str, Any] = {}
 
     def event(self, type: str, reason: str, message: str) -> None:
         self.deps.events(self.body, type=type, reason=reason, message=message)
@@ -137,18 +141,26 @@ class ServiceAccountReconciler:
             account = await self.deps.zenml.get_service_account(account_name)
         except zc.NotFoundError:
             return None
-        if known_id and account.id == known_id:
-            return account
-        if spec.adopt or self._created_after_our_intent(account):
-            # Claiming an account found by name: never the operator's own identity (adopting
-            # it would hand its keys, admin rights included, to whoever may create this kind).
-            if account.name == await self.deps.zenml.current_user_name():
-                raise ReconcileProblem(
-                    "NameConflict",
-                    f"ZenML service account {account_name!r} is the operator's own identity;"
-                    " it cannot be managed by a resource. Choose another spec.name.",
-                )
-            if spec.adopt:
+        claimable = account.id != known_id and (
+            spec.adopt or self._created_after_our_intent(account)
+        )
+        verdict = pol.judge_account(
+            known_id=known_id,
+            found_id=account.id,
+            adopt=spec.adopt,
+            created_after_intent=self._created_after_our_intent(account),
+            # Asked only when the account would be claimed (one ZenML read).
+            is_operator_identity=claimable
+            and account.name == await self.deps.zenml.current_user_name(),
+        )
+        if verdict is pol.AccountVerdict.OPERATOR_IDENTITY:
+            raise ReconcileProblem(
+                "NameConflict",
+                f"ZenML service account {account_name!r} is the operator's own identity;"
+                " it cannot be managed by a resource. Choose another spec.name.",
+            )
+        if verdict is pol.AccountVerdict.OURS:
+            if spec.adopt and account.id != known_id:
                 self.event(
                     "Normal", "Adopted", f"Adopted the existing ZenML account {account_name!r}"
                 )
@@ -175,6 +187,7 @@ class ServiceAccountReconciler:
         await self.deps.kube.patch_status(
             API_VERSION, PLURAL, self.namespace, self.name, {"createRequestedAt": earlier}
         )
+        self.recorded["createRequestedAt"] = earlier
         if earlier:
             self.status["createRequestedAt"] = earlier
         else:
@@ -197,6 +210,7 @@ class ServiceAccountReconciler:
             await self.deps.kube.patch_status(
                 API_VERSION, PLURAL, self.namespace, self.name, {"createRequestedAt": intent}
             )
+            self.recorded["createRequestedAt"] = intent
             self.status["createRequestedAt"] = intent
             await crashpoint("sa.create.after-intent")
             try:
@@ -319,7 +333,19 @@ class ServiceAccountReconciler:
             # re-issue (and kill) a key inside its retention.
             members = kf.family(await self.deps.zenml.list_api_keys(account.id), key.name)
         existing = kf.current_key(members, secret)
-        if secret is not None and not sec.is_owned_by(secret, self.uid):
+
+        def plan() -> pol.KeyAction:
+            return pol.plan_key(
+                secret_exists=secret is not None,
+                secret_owned=secret is not None and sec.is_owned_by(secret, self.uid),
+                key_exists=existing is not None,
+                secret_holds_key=existing is not None
+                and secret is not None
+                and sec.secret_holds_key(secret, existing.id),
+            )
+
+        action = plan()
+        if action is pol.KeyAction.CONFLICT:
             entry.update(state="SecretConflict", id=existing.id if existing else None)
             entry["message"] = (
                 f"Secret {secret_name!r} exists and {sec.owner_description(secret)}; it was"
@@ -328,7 +354,7 @@ class ServiceAccountReconciler:
             return entry
 
         issued_at: str | None = None
-        if existing is None:
+        if action is pol.KeyAction.CREATE:
             try:
                 issued = await self.deps.zenml.create_api_key(
                     account.id, key.name, description=key.description
@@ -336,6 +362,7 @@ class ServiceAccountReconciler:
             except zc.ConflictError:
                 # Created by a run that crashed before its Secret write: it is ours.
                 existing = await self.deps.zenml.get_api_key(account.id, key.name)
+                action = plan()
             else:
                 await crashpoint("sa.key.after-create")
                 issued_at = await self.write_value(key, secret, secret_name, issued)
@@ -359,10 +386,11 @@ class ServiceAccountReconciler:
             account.id,
             kf.retire(members, existing, retention, utcnow()),
             self.event,
-            "sa.key.after-retire",
+            "sa.key.after-retire-deactivate",
+            "sa.key.after-retire-delete",
         )
         if issued_at is None:
-            if secret is None or not sec.secret_holds_key(secret, existing.id):
+            if action is pol.KeyAction.REISSUE:
                 # ZenML never shows a key's value again: the only way to fill the Secret is
                 # a new value. No retention: nobody can hold the value that was lost.
                 issued = await self.deps.zenml.rotate_api_key(
@@ -470,8 +498,8 @@ class ServiceAccountReconciler:
 
     # --- the whole run ----------------------------------------------------------------
 
-    async def run(self, *, resync: bool = False) -> dict[str, Any]:
-        """Converge and return the desired status (the caller writes only what differs).
+    async def run(self, *, resync: bool = False) -> Outcome:
+        """Converge; the Outcome's status is the desired one (the runner writes the diff).
 
         `resync`: a periodic drift check (may take the one-read path, see light_look).
         """
@@ -510,7 +538,7 @@ class ServiceAccountReconciler:
                 status["createRequestedAt"] = self.status["createRequestedAt"]
             else:
                 status.pop("createRequestedAt", None)  # a create that surely did not land
-            raise ReconcileFailed(status, problem) from exc
+            return Outcome(status, problem, recorded=self.recorded)
         # Every write of this run is done; the caller writes status next.
         await crashpoint("sa.reconcile.before-status")
 
@@ -538,31 +566,37 @@ class ServiceAccountReconciler:
             message=message,
             generation=self.generation,
         )
-        return status
+        return Outcome(status, recorded=self.recorded)
 
 
-class ReconcileFailed(Exception):
-    """Carries the status to write when a reconcile ends early."""
+async def finalize(body: Mapping[str, Any], deps: Deps) -> list[str]:
+    """The resource is being deleted: apply spec.deletionPolicy, remove our Secrets.
 
-    def __init__(self, status: dict[str, Any], problem: ReconcileProblem) -> None:
-        super().__init__(problem.message)
-        self.status = status
-        self.problem = problem
-
-
-async def finalize(body: Mapping[str, Any], deps: Deps) -> None:
-    """The resource is being deleted: apply spec.deletionPolicy, remove our Secrets."""
+    Returns the names of the Secrets it handled (their locks can go). When the policy
+    cannot be applied (an invalid spec, an account that was never ours) a Warning Event
+    says what was left in ZenML, instead of a silent Retain."""
     rec = ServiceAccountReconciler(body, deps)
     try:
-        spec = parse_spec(body)
-    except ReconcileProblem:
+        spec: ServiceAccountSpec | None = parse_spec(body)
+    except ReconcileProblem as problem:
         spec = None
+        rec.event(
+            "Warning",
+            "DeletionPolicyNotApplied",
+            f"{problem.message}; the deletion policy cannot be read, so the ZenML account (if"
+            " any) was left as it is. Delete or deactivate it in ZenML if it should go.",
+        )
     account = None
     if spec is not None:
         try:
             account = await rec.find_owned_account(spec)
-        except ReconcileProblem:
-            account = None  # NameConflict: that account was never ours; leave it alone
+        except ReconcileProblem as problem:
+            # NameConflict: that account was never ours; leave it alone, and say so.
+            rec.event(
+                "Warning",
+                "DeletionPolicyNotApplied",
+                f"{problem.reason}: {problem.message} The ZenML account was not touched.",
+            )
     policy = spec.deletion_policy if spec else "Retain"
     if account is not None and policy == "Delete":
         try:
@@ -596,8 +630,10 @@ async def finalize(body: Mapping[str, Any], deps: Deps) -> None:
     names = {e.get("secretName") for e in rec.status.get("apiKeys") or []}
     if spec is not None:
         names |= {k.secret_name_for(rec.name) for k in spec.api_keys}
-    for name in sorted(n for n in names if n):
+    released = sorted(n for n in names if n)
+    for name in released:
         secret = await deps.kube.get_secret(rec.namespace, name)
         if secret is not None and sec.is_owned_by(secret, rec.uid):
             await deps.kube.delete_secret(rec.namespace, name, uid=secret["metadata"].get("uid"))
             await crashpoint("sa.finalize.after-secret-delete")
+    return released

@@ -1,0 +1,195 @@
+"""What each Kopf handler does, as plain methods (main.py only wires them to Kopf).
+
+One `Controller` per operator: it owns the reconcile slots and builds the runner from the
+clients start-up opened. ServiceAccounts are reconciled on create/update/resume and by a
+resync timer; ApiKeyRotations by one sleeping daemon each, woken by raw watch events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+
+from zenml_operator import lifecycle
+from zenml_operator.config import OperatorConfig
+from zenml_operator.handlers import rotation as rot
+from zenml_operator.handlers import service_account as sa
+from zenml_operator.handlers.common import Deps, Outcome, classify, utcnow
+from zenml_operator.metrics import Metrics
+from zenml_operator.models import API_VERSION, ROTATE_ANNOTATION
+from zenml_operator.runner import Kind, Runner, reason_of
+from zenml_operator.scheduling import next_look_in, sleep_until
+
+SERVICE_ACCOUNTS = Kind(
+    plural=sa.PLURAL, metric_name="serviceaccount", crash_after_status="sa.after-status"
+)
+ROTATIONS = Kind(plural=rot.PLURAL, metric_name="apikeyrotation")
+
+
+class Controller:
+    def __init__(self, config: OperatorConfig, metrics: Metrics) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.slots = asyncio.Semaphore(max(1, config.max_concurrent_reconciles))
+
+    def runner(self, memo: Any) -> Runner:
+        if getattr(memo, "runner", None) is None:
+            memo.runner = Runner(
+                deps=lifecycle.deps_of(memo),
+                metrics=self.metrics,
+                slots=self.slots,
+                post_event=lifecycle.post_event,
+            )
+        runner: Runner = memo.runner
+        return runner
+
+    # --- ServiceAccount ------------------------------------------------------------------
+
+    async def reconcile_service_account(
+        self, body: kopf.Body, memo: Any, *, resync: bool = False
+    ) -> None:
+        runner = self.runner(memo)
+        meta = body.metadata
+
+        async def reconcile(fresh: dict[str, Any]) -> Outcome:
+            return await sa.ServiceAccountReconciler(fresh, runner.deps).run(resync=resync)
+
+        outcome = await runner.run(
+            SERVICE_ACCOUNTS,
+            meta.namespace,
+            meta.name,
+            meta.uid,
+            reconcile,
+            observe=self._observe_service_account,
+        )
+        if outcome is None:
+            self.metrics.forget_service_account(meta.namespace, meta.name)
+        elif outcome.problem is not None and outcome.problem.retry:
+            raise kopf.TemporaryError(outcome.problem.message, delay=self.config.retry_delay)
+
+    def _observe_service_account(
+        self, obj: Mapping[str, Any], before: Mapping[str, Any], after: Mapping[str, Any]
+    ) -> None:
+        meta = obj["metadata"]
+        self.metrics.set_api_keys(meta["namespace"], meta["name"], after.get("apiKeys"))
+
+    async def finalize_service_account(self, body: kopf.Body, memo: Any) -> None:
+        deps = lifecycle.deps_of(memo)
+        meta = body.metadata
+        with self.metrics.track("serviceaccount", reason_of=reason_of) as tracked:
+            async with deps.lock_for(meta.uid):
+                try:
+                    fresh = await deps.kube.get_object(
+                        API_VERSION, sa.PLURAL, meta.namespace, meta.name
+                    )
+                    released = await sa.finalize(fresh or body, deps)
+                except Exception as exc:
+                    problem = classify(exc)
+                    if problem is None:
+                        raise
+                    tracked.failed(problem.reason)
+                    raise kopf.TemporaryError(
+                        problem.message, delay=self.config.retry_delay
+                    ) from None
+            tracked.ok("Finalized")
+        self.metrics.forget_service_account(meta.namespace, meta.name)
+        deps.forget(meta.uid, secrets=[(meta.namespace, name) for name in released])
+
+    # --- ApiKeyRotation ------------------------------------------------------------------
+
+    async def look_at_rotation(self, body: kopf.Body, memo: Any) -> float:
+        """One look at a rotation; returns the seconds until it needs the next one."""
+        runner = self.runner(memo)
+        meta = body.metadata
+
+        async def reconcile(fresh: dict[str, Any]) -> Outcome:
+            return await rot.RotationReconciler(fresh, runner.deps).run()
+
+        outcome = await runner.run(
+            ROTATIONS,
+            meta.namespace,
+            meta.name,
+            meta.uid,
+            reconcile,
+            observe=self._observe_rotation,
+        )
+        if outcome is None:
+            self.metrics.forget_rotation(meta.namespace, meta.name)
+        return next_look_in(
+            outcome,
+            now=utcnow(),
+            retry_delay=self.config.retry_delay,
+            resync_seconds=self.config.resync_seconds,
+        )
+
+    def _observe_rotation(
+        self, obj: Mapping[str, Any], before: Mapping[str, Any], after: Mapping[str, Any]
+    ) -> None:
+        """Rotation metrics from the status just written (counted once it is written)."""
+        meta, spec = obj["metadata"], obj.get("spec") or {}
+        account, key = spec.get("serviceAccountName"), spec.get("apiKeyName")
+        self.metrics.set_rotation(
+            meta["namespace"],
+            meta["name"],
+            serviceaccount=account,
+            key=key,
+            next_rotation=after.get("nextRotationTime"),
+        )
+        done = int(after.get("rotationCount") or 0) - int(before.get("rotationCount") or 0)
+        if done > 0:
+            self.metrics.rotated(meta["namespace"], meta["name"], done)
+            if account and key:
+                self.metrics.key_issued_at(
+                    meta["namespace"], account, key, after.get("lastRotationTime")
+                )
+
+    async def rotation_daemon(
+        self,
+        body: kopf.Body,
+        memo: Any,
+        stopped: kopf.DaemonStopped,
+        logger: logging.Logger,
+        claims: kopf.Index[Any, Any],
+    ) -> None:
+        deps = lifecycle.deps_of(memo)
+        deps.rotation_claims = lambda ns, account, key: list(claims.get((ns, account, key), ()))
+        wakeup = deps.wakeup_for(body.metadata.uid)
+        while not stopped:
+            try:
+                delay = await self.look_at_rotation(body, memo)
+            except Exception as exc:  # a bug or an unexpected API answer: log and go on
+                problem = classify(exc)
+                if problem is None:
+                    logger.exception("Rotation check failed unexpectedly; retrying")
+                else:
+                    logger.warning(f"{problem.reason}: {problem.message}")
+                delay = self.config.retry_delay
+            await sleep_until(stopped, wakeup, delay)
+        deps.forget(body.metadata.uid)
+        # The daemon stops when the object goes (or the operator stops): drop its series.
+        self.metrics.forget_rotation(body.metadata.namespace, body.metadata.name)
+
+    @staticmethod
+    def rotation_changed(deps: Deps, body: kopf.Body, event_type: str | None) -> None:
+        """Wake the rotation's daemon when what a look depends on (besides time) changed:
+        the spec or the on-demand request."""
+        uid = body.metadata.uid
+        if event_type == "DELETED":
+            deps.forget(uid)
+            return
+        seen = (body.metadata.get("generation"), body.metadata.annotations.get(ROTATE_ANNOTATION))
+        if deps.looked_at.setdefault(uid, seen) != seen:
+            deps.looked_at[uid] = seen
+            deps.wakeup_for(uid).set()
+
+    @staticmethod
+    def rotation_claim(
+        namespace: str, name: str, spec: Mapping[str, Any], meta: Mapping[str, Any]
+    ) -> dict[tuple[str, Any, Any], tuple[str, str]]:
+        """Which key a rotation claims, for the index the duplicate check reads."""
+        target = (namespace, spec.get("serviceAccountName"), spec.get("apiKeyName"))
+        return {target: (str(meta.get("creationTimestamp") or ""), name)}
