@@ -1022,6 +1022,8 @@ class Bench:
         args = self.args
         self.machine = machine_info()
         self.load_start = load_average()
+        kube_notes: list[str] = []  # chosen first: `--kube real` without binaries exits here
+        self.kube = choose_kube(args, kube_notes.append)
         workdir = Path(args.workdir or tempfile.mkdtemp(prefix="zenml-bench-")).resolve()
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
@@ -1029,7 +1031,8 @@ class Bench:
         self.say(f"zenml-operator benchmark: N={self.n}, work dir {workdir}")
         self.say("  machine: " + "; ".join(f"{k} {v}" for k, v in self.machine.items()))
         self.say(f"  load average at start: {self.load_start}")
-        self.kube = choose_kube(args, self.say)
+        for note in kube_notes:
+            self.say(note)
 
         self.say("[setup] ZenML server (real, from .venv-zenml) ...")
         self.zenml_python = find_zenml_python()
