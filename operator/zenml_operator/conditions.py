@@ -2,17 +2,9 @@
 
 from __future__ import annotations
 
-import datetime
 from typing import Any
 
-
-def iso(moment: datetime.datetime) -> str:
-    """RFC 3339 in UTC to the second, as Kubernetes writes times."""
-    return moment.astimezone(datetime.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-
-
-def now_iso() -> str:
-    return iso(datetime.datetime.now(datetime.UTC))
+from zenml_operator.timestamps import now_iso
 
 
 def set_condition(

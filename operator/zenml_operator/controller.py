@@ -18,11 +18,12 @@ from zenml_operator import lifecycle
 from zenml_operator.config import OperatorConfig
 from zenml_operator.handlers import rotation as rot
 from zenml_operator.handlers import service_account as sa
-from zenml_operator.handlers.common import Deps, Outcome, classify, utcnow
+from zenml_operator.handlers.common import Deps, Outcome, classify
 from zenml_operator.metrics import Metrics
 from zenml_operator.models import API_VERSION, ROTATE_ANNOTATION
 from zenml_operator.runner import Kind, Runner, reason_of
 from zenml_operator.scheduling import next_look_in, sleep_until
+from zenml_operator.timestamps import utcnow
 
 SERVICE_ACCOUNTS = Kind(
     plural=sa.PLURAL, metric_name="serviceaccount", crash_after_status="sa.after-status"

@@ -19,11 +19,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from zenml_operator.secret_record import Retention, SecretRecord
 from zenml_operator.zenml_api import ApiKeyInfo
-
-ANN_PREVIOUS_KEY_ID = "zenml.io/previous-api-key-id"
-ANN_PREVIOUS_VALID_UNTIL = "zenml.io/previous-key-valid-until"
-ANN_KEY_ID = "zenml.io/api-key-id"
 
 _ROTATED = re.compile(r"^(?P<base>.+)\.r(?P<n>[0-9]+)$")
 
@@ -62,37 +59,13 @@ def recorded_key(key_id: str, base: str) -> ApiKeyInfo:
     )
 
 
-def annotations(secret: Mapping[str, Any] | None) -> Mapping[str, str]:
-    return ((secret or {}).get("metadata") or {}).get("annotations") or {}
-
-
 def current_key(members: list[ApiKeyInfo], secret: Mapping[str, Any] | None) -> ApiKeyInfo | None:
     """The key the Secret holds; without that evidence, the newest generation."""
     by_id = {k.id: k for k in members}
-    held = annotations(secret).get(ANN_KEY_ID)
+    held = SecretRecord.of(secret).key_id
     if held in by_id:
         return by_id[held]
     return members[-1] if members else None
-
-
-@dataclass(frozen=True)
-class Retention:
-    """The previous key and until when it must keep working (from the Secret)."""
-
-    key_id: str | None
-    valid_until: datetime.datetime | None
-
-    @classmethod
-    def from_secret(cls, secret: Mapping[str, Any] | None) -> Retention:
-        ann = annotations(secret)
-        until = ann.get(ANN_PREVIOUS_VALID_UNTIL)
-        parsed = None
-        if until:
-            parsed = datetime.datetime.fromisoformat(until.replace("Z", "+00:00"))
-        return cls(ann.get(ANN_PREVIOUS_KEY_ID) or None, parsed)
-
-    def protects(self, key_id: str, now: datetime.datetime) -> bool:
-        return self.key_id == key_id and self.valid_until is not None and now < self.valid_until
 
 
 @dataclass(frozen=True)

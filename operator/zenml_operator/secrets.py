@@ -10,13 +10,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from zenml_operator.models import API_VERSION, ApiKeySpec
+from zenml_operator.secret_record import ANN_KEY_ID, value_annotations
 
 MANAGED_BY = "zenml-operator"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_ACCOUNT = "zenml.io/service-account"
 LABEL_KEY = "zenml.io/api-key"
-ANN_KEY_ID = "zenml.io/api-key-id"
-ANN_ISSUED_AT = "zenml.io/issued-at"
 ANN_KEY_VERSION = "zenml.io/key-version"
 ANN_TEMPLATE_LABELS = "zenml.io/template-labels"
 ANN_TEMPLATE_ANNOTATIONS = "zenml.io/template-annotations"
@@ -92,7 +91,7 @@ def new_secret(
 ) -> dict[str, Any]:
     meta = desired_metadata(owner=owner, key=key, secret_name=secret_name)
     meta["annotations"].update(
-        {**tracking_annotations(key), ANN_KEY_ID: key_id, ANN_ISSUED_AT: issued_at}
+        {**tracking_annotations(key), **value_annotations(key_id, issued_at)}
     )
     return {
         "apiVersion": "v1",
@@ -203,7 +202,7 @@ def value_patch(
     meta = patch.setdefault("metadata", {})
     meta["resourceVersion"] = secret["metadata"]["resourceVersion"]
     meta.setdefault("annotations", {}).update(
-        {ANN_KEY_ID: key_id, ANN_ISSUED_AT: issued_at, **(extra_annotations or {})}
+        {**value_annotations(key_id, issued_at), **(extra_annotations or {})}
     )
     patch.setdefault("data", {})[key.secret_template.keys.api_key] = b64(key_value)
     return patch

@@ -14,6 +14,7 @@ import pytest
 from e2e.conftest import logs_in_as, ready
 from fixtures_kube import Cluster
 from zenml_operator import keyfamily as kf
+from zenml_operator import secret_record as record
 from zenml_operator import secrets as sec
 from zenml_operator import zenml_api as zc
 
@@ -99,7 +100,7 @@ async def create_foreign_secret(cluster: Cluster, name: str, ns: str = NS) -> di
                     sec.LABEL_ACCOUNT: "whoever",
                     sec.LABEL_KEY: "main",
                 },
-                "annotations": {sec.ANN_KEY_ID: "not-a-real-key"},
+                "annotations": {record.ANN_KEY_ID: "not-a-real-key"},
             },
             "data": {"ZENML_STORE_API_KEY": base64.b64encode(b"precious").decode()},
         },
@@ -167,11 +168,11 @@ async def problems(
                 continue
             if not sec.is_owned_by(secret, obj["metadata"]["uid"]):
                 found.append(f"{name}: Secret {secret_name!r} not owned by the resource")
-            held = kf.annotations(secret).get(kf.ANN_KEY_ID)
+            held = record.SecretRecord.of(secret).key_id
             if held not in {m.id for m in members}:
                 found.append(f"{name}: Secret {secret_name!r} names no key of its family")
                 continue
-            retention = kf.Retention.from_secret(secret)
+            retention = record.SecretRecord.of(secret).retention
             # Besides the current key: the previous one while its retention lasts, or after
             # it, deactivated (refused with 401) until the next rotation deletes it.
             extra = [

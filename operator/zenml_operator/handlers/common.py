@@ -147,17 +147,6 @@ def status_patch(current: Mapping[str, Any] | None, desired: Mapping[str, Any]) 
     return changes
 
 
-def parse_time(text: str | None) -> datetime.datetime | None:
-    if not text:
-        return None
-    value = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return value if value.tzinfo else value.replace(tzinfo=datetime.UTC)
-
-
-def utcnow() -> datetime.datetime:
-    return datetime.datetime.now(datetime.UTC)
-
-
 def secret_lock(namespace: str, name: str) -> str:
     """The lock key shared by everything that writes one Secret (and its key family)."""
     return f"secret/{namespace}/{name}"

@@ -29,7 +29,7 @@ from zenml_operator import keyfamily as kf
 from zenml_operator import policies as pol
 from zenml_operator import secrets as sec
 from zenml_operator import zenml_api as zc
-from zenml_operator.conditions import iso, set_condition
+from zenml_operator.conditions import set_condition
 from zenml_operator.crashpoints import crashpoint
 from zenml_operator.handlers.common import (
     Deps,
@@ -37,10 +37,8 @@ from zenml_operator.handlers.common import (
     ReconcileProblem,
     classify,
     invalid_spec,
-    parse_time,
     retire_keys,
     secret_lock,
-    utcnow,
 )
 from zenml_operator.models import (
     API_VERSION,
@@ -49,10 +47,10 @@ from zenml_operator.models import (
     ApiKeySpec,
     ServiceAccountSpec,
 )
+from zenml_operator.secret_record import Retention, SecretRecord, rotation_annotations
+from zenml_operator.timestamps import iso, utcnow
 
 PLURAL = "apikeyrotations"
-ANN_ROTATION_COUNT = "zenml.io/rotation-count"
-ANN_ROTATE_REQUEST = "zenml.io/rotate-request"
 ANN_RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"  # what `kubectl rollout restart` sets
 ANN_RESTARTED_FOR = "zenml.io/restarted-for-api-key-id"
 WORKLOAD_PLURALS = {
@@ -224,12 +222,12 @@ class RotationReconciler:
                 f" ServiceAccount {spec.service_account_name!r}; waiting for it.",
                 retry=True,
             )
-        ann = kf.annotations(secret)
-        retention = kf.Retention.from_secret(secret)
+        record = SecretRecord.of(secret)
+        retention = record.retention
         # 1. Whether a rotation is due, from the times recorded in the Secret only.
-        count = int(ann.get(ANN_ROTATION_COUNT, "0") or 0)
-        issued = parse_time(ann.get(sec.ANN_ISSUED_AT)) or now
-        handled_request = ann.get(ANN_ROTATE_REQUEST, "")
+        count = record.rotation_count
+        issued = record.issued_at or now
+        handled_request = record.answered_request
         due = pol.rotation_due(
             now=now,
             next_due=issued + period,
@@ -238,7 +236,7 @@ class RotationReconciler:
         )
 
         members: list[zc.ApiKeyInfo] | None = None  # None: the family was not read
-        if self._trust_record(ann, retention, now):
+        if self._trust_record(record, now):
             # The last look saw the key the Secret holds and no retention just ended: no
             # ZenML read (the ServiceAccount's resync reads this family anyway, and enforces
             # retention and crash leftovers too). A credential ZenML refused still shows
@@ -246,7 +244,7 @@ class RotationReconciler:
             refused = self.deps.zenml.login_refused
             if refused is not None and not due:
                 raise refused
-            current_id = str(ann[kf.ANN_KEY_ID])
+            current_id = str(record.key_id)
         else:
             members, current_id = await self._read_family(account_id, key, secret, retention, now)
         # Without a read, the Secret's record stands for the family.
@@ -284,7 +282,7 @@ class RotationReconciler:
             handled_request = self.request if plan.requested else handled_request
             issued = now
             next_due = now + period
-            retention = kf.Retention.from_secret(secret)
+            retention = SecretRecord.of(secret).retention
             # The key that was previous until now is superseded: delete it right away.
             current_id = current.id
             members = [*members, current]
@@ -355,7 +353,7 @@ class RotationReconciler:
         secret: Mapping[str, Any],
         current_id: str,
         members: list[zc.ApiKeyInfo] | None,
-        retention: kf.Retention,
+        retention: Retention,
         count: int,
         now: datetime.datetime,
     ) -> tuple[Mapping[str, Any], zc.ApiKeyInfo, int, list[zc.ApiKeyInfo]]:
@@ -389,7 +387,7 @@ class RotationReconciler:
         account_id: str,
         key: ApiKeySpec,
         secret: Mapping[str, Any],
-        retention: kf.Retention,
+        retention: Retention,
         now: datetime.datetime,
     ) -> tuple[list[zc.ApiKeyInfo], str]:
         """The key family from ZenML, leftovers retired; and the id of the current key."""
@@ -414,13 +412,12 @@ class RotationReconciler:
         gone = {k.id for k in plan.delete}
         return [m for m in members if m.id not in gone], current.id
 
-    def _trust_record(
-        self, ann: Mapping[str, str], retention: kf.Retention, now: datetime.datetime
-    ) -> bool:
+    def _trust_record(self, record: SecretRecord, now: datetime.datetime) -> bool:
         """True when this look may act on the Secret's record without reading ZenML: the
         last look saw the key the Secret holds, and no retention ended lately (the look at
         its end, and any within one resync interval after it, deactivate the previous key)."""
-        held = ann.get(kf.ANN_KEY_ID)
+        held = record.key_id
+        retention = record.retention
         if not held or self.status.get("currentKeyId") != held:
             return False
         until = retention.valid_until
@@ -446,13 +443,12 @@ class RotationReconciler:
         if not key.active:
             await self.deps.zenml.update_api_key(account_id, issued.info.id, active=False)
         valid_until = now + datetime.timedelta(minutes=spec.retain_period_minutes)
-        extra = {
-            kf.ANN_PREVIOUS_KEY_ID: current_id,
-            kf.ANN_PREVIOUS_VALID_UNTIL: iso(valid_until),
-            ANN_ROTATION_COUNT: str(count + 1),
-        }
-        if self.request:
-            extra[ANN_ROTATE_REQUEST] = self.request
+        extra = rotation_annotations(
+            previous_key_id=current_id,
+            previous_valid_until=valid_until,
+            count=count + 1,
+            request=self.request,
+        )
         patch = sec.value_patch(
             secret=secret,
             owner=sa,

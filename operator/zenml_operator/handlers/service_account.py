@@ -29,7 +29,7 @@ from zenml_operator import keyfamily as kf
 from zenml_operator import policies as pol
 from zenml_operator import secrets as sec
 from zenml_operator import zenml_api as zc
-from zenml_operator.conditions import now_iso, set_condition
+from zenml_operator.conditions import set_condition
 from zenml_operator.crashpoints import crashpoint
 from zenml_operator.handlers.common import (
     Deps,
@@ -37,13 +37,13 @@ from zenml_operator.handlers.common import (
     ReconcileProblem,
     classify,
     invalid_spec,
-    parse_time,
     retire_keys,
     secret_lock,
-    utcnow,
 )
 from zenml_operator.kube import KubeConflict
 from zenml_operator.models import API_VERSION, ApiKeySpec, ServiceAccountSpec
+from zenml_operator.secret_record import ANN_ISSUED_AT, SecretRecord, annotations
+from zenml_operator.timestamps import now_iso, parse_time, utcnow
 
 PLURAL = "serviceaccounts"
 KIND = "ServiceAccount"
@@ -326,7 +326,7 @@ class ServiceAccountReconciler:
     ) -> dict[str, Any]:
         entry: dict[str, Any] = {"name": key.name, "secretName": secret_name}
         secret = await self.deps.kube.get_secret(self.namespace, secret_name)
-        held = kf.annotations(secret).get(kf.ANN_KEY_ID)
+        held = SecretRecord.of(secret).key_id
         if held and held not in {m.id for m in members}:
             # The list was read before this Secret's lock: a rotation may have switched the
             # Secret to a new key since. Re-read, or the newest-member fallback below would
@@ -380,7 +380,7 @@ class ServiceAccountReconciler:
             await crashpoint("sa.key.after-update")
         # Older generations: crash leftovers of a rotation, or a previous key whose
         # retention (recorded in the Secret) is over. One still inside it is kept.
-        retention = kf.Retention.from_secret(secret)
+        retention = SecretRecord.of(secret).retention
         await retire_keys(
             self.deps,
             account.id,
@@ -407,7 +407,7 @@ class ServiceAccountReconciler:
                     f" again, so API key {key.name!r} was rotated and the new value written",
                 )
             else:
-                issued_at = (secret["metadata"].get("annotations") or {}).get(sec.ANN_ISSUED_AT)
+                issued_at = annotations(secret).get(ANN_ISSUED_AT)
                 patch = sec.metadata_patch(
                     secret=secret, owner=self.body, key=key, zenml_url=self.deps.secret_url
                 )

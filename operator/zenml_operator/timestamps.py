@@ -1,0 +1,26 @@
+"""Times as the operator writes and reads them: RFC 3339 in UTC, to the second, with `Z`
+(as Kubernetes writes times). One parser for status fields and Secret annotations."""
+
+from __future__ import annotations
+
+import datetime
+
+
+def utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def iso(moment: datetime.datetime) -> str:
+    return moment.astimezone(datetime.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def now_iso() -> str:
+    return iso(utcnow())
+
+
+def parse_time(text: str | None) -> datetime.datetime | None:
+    """A time this module wrote (or any ISO 8601 time; naive ones are taken as UTC)."""
+    if not text:
+        return None
+    value = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return value if value.tzinfo else value.replace(tzinfo=datetime.UTC)
