@@ -16,6 +16,7 @@ import kopf
 
 from zenml_operator import lifecycle
 from zenml_operator.config import OperatorConfig
+from zenml_operator.handlers import deletion
 from zenml_operator.handlers import rotation as rot
 from zenml_operator.handlers import service_account as sa
 from zenml_operator.handlers.common import Deps, Outcome, classify
@@ -87,7 +88,7 @@ class Controller:
                     fresh = await deps.kube.get_object(
                         API_VERSION, sa.PLURAL, meta.namespace, meta.name
                     )
-                    released = await sa.finalize(fresh or body, deps)
+                    released = await deletion.finalize(fresh or body, deps)
                 except Exception as exc:
                     problem = classify(exc)
                     if problem is None:

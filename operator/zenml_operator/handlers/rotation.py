@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -40,6 +39,7 @@ from zenml_operator.handlers.common import (
     retire_keys,
     secret_lock,
 )
+from zenml_operator.handlers.restarts import restart_targets
 from zenml_operator.models import (
     API_VERSION,
     ROTATE_ANNOTATION,
@@ -48,28 +48,11 @@ from zenml_operator.models import (
     ServiceAccountSpec,
 )
 from zenml_operator.secret_record import Retention, SecretRecord, rotation_annotations
-from zenml_operator.timestamps import iso, utcnow
+from zenml_operator.timestamps import iso, parse_duration, utcnow
 
 PLURAL = "apikeyrotations"
-ANN_RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"  # what `kubectl rollout restart` sets
-ANN_RESTARTED_FOR = "zenml.io/restarted-for-api-key-id"
-WORKLOAD_PLURALS = {
-    "Deployment": "deployments",
-    "StatefulSet": "statefulsets",
-    "DaemonSet": "daemonsets",
-}
 
 logger = logging.getLogger(__name__)
-_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(h|m|s)")
-
-
-def parse_duration(text: str) -> datetime.timedelta:
-    """Go-style durations as Kubernetes CEL reads them: 720h, 1h30m, 90s."""
-    parts = _DURATION_PART.findall(text)
-    if not parts or "".join(n + u for n, u in parts) != text:
-        raise ValueError(f"not a duration: {text!r} (use e.g. 720h, 90m, 45s)")
-    unit = {"h": 3600.0, "m": 60.0, "s": 1.0}
-    return datetime.timedelta(seconds=sum(float(n) * unit[u] for n, u in parts))
 
 
 class RotationReconciler:
@@ -306,7 +289,9 @@ class RotationReconciler:
             restarted_for=self.status.get("restartedForKeyId"),
             current_key_id=current_id,
         ):
-            restart_problem = await self.restart_targets(spec, current_id, now)
+            restart_problem = await restart_targets(
+                self.deps, self.namespace, spec.rollout_restart_targets, current_id, now, self.event
+            )
         status["restartedForKeyId"] = (
             current_id
             if count > 0 and restart_problem is None
@@ -468,50 +453,3 @@ class RotationReconciler:
             f" {issued.info.name!r}; the previous key works until {iso(valid_until)}",
         )
         return written, issued.info, count + 1
-
-    async def restart_targets(
-        self, spec: ApiKeyRotationSpec, key_id: str, now: datetime.datetime
-    ) -> str | None:
-        """Restart each target once for `key_id`; a message if some could not be."""
-        missing = []
-        for ref in spec.rollout_restart_targets:
-            plural = WORKLOAD_PLURALS[ref.kind]
-            obj = await self.deps.kube.get_object("apps/v1", plural, self.namespace, ref.name)
-            if obj is None:
-                missing.append(f"{ref.kind}/{ref.name}")
-                continue
-            template_ann = (
-                ((obj.get("spec") or {}).get("template") or {}).get("metadata") or {}
-            ).get("annotations") or {}
-            if template_ann.get(ANN_RESTARTED_FOR) == key_id:
-                continue  # restarted for this key already (before a crash)
-            await self.deps.kube.patch_object(
-                "apps/v1",
-                plural,
-                self.namespace,
-                ref.name,
-                {
-                    "spec": {
-                        "template": {
-                            "metadata": {
-                                "annotations": {
-                                    ANN_RESTARTED_AT: iso(now),
-                                    ANN_RESTARTED_FOR: key_id,
-                                }
-                            }
-                        }
-                    }
-                },
-            )
-            await crashpoint("rotation.after-restart")
-            self.event(
-                "Normal",
-                "RestartedWorkload",
-                f"Restarted {ref.kind}/{ref.name} to load the rotated key",
-            )
-        if missing:
-            return (
-                f"Rotation done, but these restart targets do not exist: "
-                f"{', '.join(missing)}; create them or fix spec.rolloutRestartTargets."
-            )
-        return None

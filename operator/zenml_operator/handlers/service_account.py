@@ -17,12 +17,10 @@ Crash safety, step by step:
 from __future__ import annotations
 
 import contextlib
-import datetime
 import logging
 from collections.abc import Mapping
 from typing import Any
 
-import httpx
 import pydantic
 
 from zenml_operator import keyfamily as kf
@@ -31,8 +29,9 @@ from zenml_operator import secrets as sec
 from zenml_operator import zenml_api as zc
 from zenml_operator.conditions import set_condition
 from zenml_operator.crashpoints import crashpoint
+from zenml_operator.handlers.accounts import PLURAL as PLURAL  # re-exported for the wiring
+from zenml_operator.handlers.accounts import AccountSteps
 from zenml_operator.handlers.common import (
-    Deps,
     Outcome,
     ReconcileProblem,
     classify,
@@ -41,14 +40,11 @@ from zenml_operator.handlers.common import (
     secret_lock,
 )
 from zenml_operator.kube import KubeConflict
-from zenml_operator.models import API_VERSION, ApiKeySpec, ServiceAccountSpec
+from zenml_operator.models import ApiKeySpec, ServiceAccountSpec
 from zenml_operator.secret_record import ANN_ISSUED_AT, SecretRecord, annotations
-from zenml_operator.timestamps import now_iso, parse_time, utcnow
+from zenml_operator.timestamps import now_iso, utcnow
 
-PLURAL = "serviceaccounts"
 KIND = "ServiceAccount"
-# How far ZenML's and our clocks may disagree when matching a create intent to an account.
-CLOCK_SKEW = datetime.timedelta(minutes=2)
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +60,6 @@ def parse_spec(body: Mapping[str, Any]) -> ServiceAccountSpec:
 # rotation count, ...): a template must not write them.
 RESERVED_ANNOTATION_PREFIX = "zenml.io/"
 MAX_SECRET_NAME = 253
-# A create that failed with one of these never reached ZenML (it cannot have landed).
-_NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
 
 def check_spec(spec: ServiceAccountSpec, resource_name: str) -> None:
@@ -101,197 +95,9 @@ def check_spec(spec: ServiceAccountSpec, resource_name: str) -> None:
         raise ReconcileProblem("InvalidSpec", "spec is invalid: " + "; ".join(problems))
 
 
-class ServiceAccountReconciler:
-    """One run of the reconcile for one resource body."""
-
-    def __init__(self, body: Mapping[str, Any], deps: Deps) -> None:
-        self.body = body
-        self.deps = deps
-        meta = body["metadata"]
-        self.name: str = meta["name"]
-        self.namespace: str = meta["namespace"]
-        self.uid: str = meta["uid"]
-        self.generation: int | None = meta.get("generation")
-        self.status: dict[str, Any] = dict(body.get("status") or {})
-        self.created_account = False  # this run created the account: it has no keys yet
-        # Status fields this run wrote before its end (the create intent), for the runner.
-        self.recorded: dict[str, Any] = {}
-
-    def event(self, type: str, reason: str, message: str) -> None:
-        self.deps.events(self.body, type=type, reason=reason, message=message)
-
-    # --- account -------------------------------------------------------------------
-
-    async def find_owned_account(self, spec: ServiceAccountSpec) -> zc.ServiceAccountInfo | None:
-        """The ZenML account this resource owns, or None if there is none (yet).
-
-        Raises NameConflict when the name is taken by an account that is not ours.
-        """
-        account_name = spec.account_name_for(self.name)
-        known_id = self.status.get("accountId")
-        if known_id:
-            try:
-                account = await self.deps.zenml.get_service_account(known_id)
-            except zc.NotFoundError:
-                account = None  # deleted by hand: re-create below, if the name is free
-            else:
-                if account.name == account_name:
-                    return account
-        try:
-            account = await self.deps.zenml.get_service_account(account_name)
-        except zc.NotFoundError:
-            return None
-        claimable = account.id != known_id and (
-            spec.adopt or self._created_after_our_intent(account)
-        )
-        verdict = pol.judge_account(
-            known_id=known_id,
-            found_id=account.id,
-            adopt=spec.adopt,
-            created_after_intent=self._created_after_our_intent(account),
-            # Asked only when the account would be claimed (one ZenML read).
-            is_operator_identity=claimable
-            and account.name == await self.deps.zenml.current_user_name(),
-        )
-        if verdict is pol.AccountVerdict.OPERATOR_IDENTITY:
-            raise ReconcileProblem(
-                "NameConflict",
-                f"ZenML service account {account_name!r} is the operator's own identity;"
-                " it cannot be managed by a resource. Choose another spec.name.",
-            )
-        if verdict is pol.AccountVerdict.OURS:
-            if spec.adopt and account.id != known_id:
-                self.event(
-                    "Normal", "Adopted", f"Adopted the existing ZenML account {account_name!r}"
-                )
-            return account
-        raise ReconcileProblem(
-            "NameConflict",
-            f"A ZenML service account named {account_name!r} already exists and was not"
-            " created by this resource; nothing was changed. Set spec.adopt: true to take it"
-            " over, or choose another spec.name.",
-        )
-
-    def _created_after_our_intent(self, account: zc.ServiceAccountInfo) -> bool:
-        intent = parse_time(self.status.get("createRequestedAt"))
-        created = account.created
-        if intent is None or created is None:
-            return False
-        if created.tzinfo is None:
-            created = created.replace(tzinfo=datetime.UTC)
-        return created >= intent - CLOCK_SKEW
-
-    async def _restore_intent(self, earlier: str | None) -> None:
-        """Take back this run's intent record, in the cluster too: the status written at the
-        end of the run is a diff against the status read before the run, which never had it."""
-        await self.deps.kube.patch_status(
-            API_VERSION, PLURAL, self.namespace, self.name, {"createRequestedAt": earlier}
-        )
-        self.recorded["createRequestedAt"] = earlier
-        if earlier:
-            self.status["createRequestedAt"] = earlier
-        else:
-            self.status.pop("createRequestedAt", None)
-
-    def _never_looked(self, spec: ServiceAccountSpec) -> bool:
-        """A first run (no account id, no create intent, no adopt): the create itself is the
-        look-up. A name already taken answers 409 and is judged then, as after a race."""
-        return not (
-            self.status.get("accountId") or self.status.get("createRequestedAt") or spec.adopt
-        )
-
-    async def ensure_account(self, spec: ServiceAccountSpec) -> zc.ServiceAccountInfo:
-        account = None if self._never_looked(spec) else await self.find_owned_account(spec)
-        account_name = spec.account_name_for(self.name)
-        if account is None:
-            # Intent first: a crash after ZenML's create must not look like a NameConflict.
-            earlier = self.status.get("createRequestedAt")  # of an attempt that may have landed
-            intent = now_iso()
-            await self.deps.kube.patch_status(
-                API_VERSION, PLURAL, self.namespace, self.name, {"createRequestedAt": intent}
-            )
-            self.recorded["createRequestedAt"] = intent
-            self.status["createRequestedAt"] = intent
-            await crashpoint("sa.create.after-intent")
-            try:
-                account = await self.deps.zenml.create_service_account(
-                    account_name, description=spec.description, active=spec.active
-                )
-            except zc.ConflictError:
-                # Created since our look-up, so not by this attempt: by another resource with
-                # the same spec.name, a script, or an earlier attempt of ours whose create
-                # landed late. Judge it by that earlier intent alone (none: not ours), so that
-                # two resources racing for one name never both take the account.
-                await self._restore_intent(earlier)
-                account = await self.find_owned_account(spec)
-                if account is None:
-                    raise
-            except zc.UnavailableError as exc:
-                if isinstance(exc.__cause__, _NEVER_SENT):
-                    await self._restore_intent(earlier)  # this attempt created nothing
-                raise
-            else:
-                self.created_account = True
-                await crashpoint("sa.create.after-account")
-                recreated = " (it was deleted in ZenML)" if self.status.get("accountId") else ""
-                self.event(
-                    "Normal",
-                    "AccountCreated",
-                    f"Created ZenML service account {account_name!r}{recreated}",
-                )
-            return account
-        return await self.ensure_account_fields(spec, account)
-
-    async def ensure_account_fields(
-        self, spec: ServiceAccountSpec, account: zc.ServiceAccountInfo
-    ) -> zc.ServiceAccountInfo:
-        account_name = spec.account_name_for(self.name)
-        if account.description != spec.description or account.active != spec.active:
-            account = await self.deps.zenml.update_service_account(
-                account.id, description=spec.description, active=spec.active
-            )
-            await crashpoint("sa.update.after-account")
-            self.event(
-                "Normal",
-                "AccountUpdated",
-                f"Updated ZenML service account {account_name!r} (active={spec.active})",
-            )
-        return account
-
-    async def light_look(
-        self, spec: ServiceAccountSpec
-    ) -> tuple[zc.ServiceAccountInfo, list[zc.ApiKeyInfo]] | None:
-        """A resync of a converged resource in ONE ZenML read: the key list, whose items
-        nest the owning account (id, name, active). None when that cannot tell: spec
-        changed since the last run, no account yet, or no key to carry the account.
-
-        The nested account has no description, so a description edited by hand in ZenML
-        is put back on the next spec change or operator start, not within a resync.
-        """
-        known_id = self.status.get("accountId")
-        account_name = spec.account_name_for(self.name)
-        if (
-            not known_id
-            or not spec.api_keys
-            or self.status.get("accountName") != account_name
-            or self.status.get("observedGeneration") != self.generation
-        ):
-            return None
-        try:
-            keys = await self.deps.zenml.list_api_keys(known_id)
-        except zc.NotFoundError:
-            return None  # the account is gone: the full path re-creates it
-        owner = next((k.account for k in keys if k.account is not None), None)
-        if owner is None or owner.id != known_id or owner.name != account_name:
-            return None
-        account = zc.ServiceAccountInfo(
-            id=owner.id,
-            name=owner.name,
-            active=owner.active,
-            description=spec.description,
-            created=None,
-        )
-        return await self.ensure_account_fields(spec, account), keys
+class ServiceAccountReconciler(AccountSteps):
+    """One run of the reconcile for one resource body: the account (see accounts.py), then
+    each declared key and its Secret."""
 
     async def load(
         self, spec: ServiceAccountSpec, *, resync: bool
@@ -567,73 +373,3 @@ class ServiceAccountReconciler:
             generation=self.generation,
         )
         return Outcome(status, recorded=self.recorded)
-
-
-async def finalize(body: Mapping[str, Any], deps: Deps) -> list[str]:
-    """The resource is being deleted: apply spec.deletionPolicy, remove our Secrets.
-
-    Returns the names of the Secrets it handled (their locks can go). When the policy
-    cannot be applied (an invalid spec, an account that was never ours) a Warning Event
-    says what was left in ZenML, instead of a silent Retain."""
-    rec = ServiceAccountReconciler(body, deps)
-    try:
-        spec: ServiceAccountSpec | None = parse_spec(body)
-    except ReconcileProblem as problem:
-        spec = None
-        rec.event(
-            "Warning",
-            "DeletionPolicyNotApplied",
-            f"{problem.message}; the deletion policy cannot be read, so the ZenML account (if"
-            " any) was left as it is. Delete or deactivate it in ZenML if it should go.",
-        )
-    account = None
-    if spec is not None:
-        try:
-            account = await rec.find_owned_account(spec)
-        except ReconcileProblem as problem:
-            # NameConflict: that account was never ours; leave it alone, and say so.
-            rec.event(
-                "Warning",
-                "DeletionPolicyNotApplied",
-                f"{problem.reason}: {problem.message} The ZenML account was not touched.",
-            )
-    policy = spec.deletion_policy if spec else "Retain"
-    if account is not None and policy == "Delete":
-        try:
-            await deps.zenml.delete_service_account(account.id)
-            await crashpoint("sa.finalize.after-delete")
-            rec.event("Normal", "AccountDeleted", f"Deleted ZenML service account {account.name!r}")
-        except zc.NotFoundError:
-            pass
-        except zc.ForbiddenError:
-            await deps.zenml.update_service_account(account.id, active=False)
-            rec.event(
-                "Warning",
-                "DeleteFellBackToDeactivate",
-                f"ZenML refused to delete service account {account.name!r} (it owns resources);"
-                " it was deactivated instead, which disables all of its keys.",
-            )
-    elif account is not None and policy == "Deactivate" and account.active:
-        await deps.zenml.update_service_account(account.id, active=False)
-        await crashpoint("sa.finalize.after-deactivate")
-        rec.event(
-            "Normal", "AccountDeactivated", f"Deactivated ZenML service account {account.name!r}"
-        )
-    elif account is not None:
-        rec.event(
-            "Normal",
-            "AccountRetained",
-            f"Left ZenML service account {account.name!r} as it is (Retain)",
-        )
-    # Owner references let a real cluster collect the Secrets; delete them now anyway so
-    # that no key value outlives its resource (and so emulated clusters behave the same).
-    names = {e.get("secretName") for e in rec.status.get("apiKeys") or []}
-    if spec is not None:
-        names |= {k.secret_name_for(rec.name) for k in spec.api_keys}
-    released = sorted(n for n in names if n)
-    for name in released:
-        secret = await deps.kube.get_secret(rec.namespace, name)
-        if secret is not None and sec.is_owned_by(secret, rec.uid):
-            await deps.kube.delete_secret(rec.namespace, name, uid=secret["metadata"].get("uid"))
-            await crashpoint("sa.finalize.after-secret-delete")
-    return released
