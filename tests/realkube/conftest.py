@@ -30,6 +30,7 @@ import pytest
 import yaml
 
 from control_plane import HOW_TO_GET_ASSETS, ControlPlane, find_assets, free_port
+from e2e.conftest import ready  # the Ready condition of the current generation
 from helm_render import render_chart
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -449,17 +450,6 @@ def kube_namespace_factory(kube: Kube) -> Iterator[Callable[[str], str]]:
         kube.delete(f"/api/v1/namespaces/{name}")
 
 
-def ready_condition(obj: dict[str, Any] | None) -> dict[str, Any] | None:
-    if not obj:
-        return None
-    for cond in (obj.get("status") or {}).get("conditions") or []:
-        if cond["type"] == "Ready" and cond.get("observedGeneration") == obj["metadata"].get(
-            "generation"
-        ):
-            return cond
-    return None
-
-
 def wait_ready(
     kube: Kube,
     path: str,
@@ -470,7 +460,7 @@ def wait_ready(
 ) -> dict[str, Any]:
     def check() -> dict[str, Any] | None:
         obj = kube.get(path)
-        cond = ready_condition(obj)
+        cond = ready(obj)
         if cond and cond["status"] == status and (reason is None or cond["reason"] == reason):
             return obj
         return None
