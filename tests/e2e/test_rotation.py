@@ -93,19 +93,72 @@ async def family(zenml_client, account: str) -> list:
     return kf.family(await zenml_client.list_api_keys(acc.id), "main")
 
 
-def restarts(cluster, deployment: str) -> list[str]:
-    """The key ids a Deployment was restarted for, one per restart, in order."""
-    seen: list[str] = []
-    for change in cluster.emulator._history:
-        if change.resource.plural != "deployments" or change.name != deployment:
-            continue
-        ann = (
-            change.event["object"]["spec"]["template"].get("metadata", {}).get("annotations") or {}
-        )
-        key_id = ann.get("zenml.io/restarted-for-api-key-id")
-        if key_id and (not seen or seen[-1] != key_id):
-            seen.append(key_id)
-    return seen
+ANN_RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"
+ANN_RESTARTED_FOR = "zenml.io/restarted-for-api-key-id"
+
+
+def _versions(cluster, plural: str, name: str, namespace: str) -> list[dict[str, Any]]:
+    """Every committed version of one object, oldest first (the emulator's change log)."""
+    return [
+        change.event["object"]
+        for change in cluster.emulator._history
+        if change.resource.plural == plural
+        and change.name == name
+        and change.namespace == namespace
+        and change.event["type"] != "DELETED"
+    ]
+
+
+def restarts(cluster, deployment: str, namespace: str = "default") -> list[str]:
+    """One entry per restart of a Deployment, in order, never merged: every committed change
+    of its pod template (what makes a real cluster roll its pods out) is one restart, named
+    by the key id it was made for. A template change that did not set a new
+    `kubectl.kubernetes.io/restartedAt` is listed too, so it cannot pass as no restart."""
+    found: list[str] = []
+    before: dict[str, Any] | None = None
+    for obj in _versions(cluster, "deployments", deployment, namespace):
+        template = obj["spec"]["template"]
+        if before is not None and template != before:
+            ann = (template.get("metadata") or {}).get("annotations") or {}
+            old = (before.get("metadata") or {}).get("annotations") or {}
+            key_id = ann.get(ANN_RESTARTED_FOR, "<no key id>")
+            same_time = ann.get(ANN_RESTARTED_AT) == old.get(ANN_RESTARTED_AT)
+            found.append(f"{key_id} (restartedAt unchanged)" if same_time else key_id)
+        before = template
+    return found
+
+
+def rotated_keys(cluster, secret: str, namespace: str = "default") -> list[str]:
+    """The key id of every rotation written into a Secret, in order, never merged: one entry
+    per committed version whose key value changed and whose rotation count is not 0."""
+    found: list[str] = []
+    before: str | None = None
+    for obj in _versions(cluster, "secrets", secret, namespace):
+        value = (obj.get("data") or {}).get("ZENML_STORE_API_KEY")
+        ann = obj["metadata"].get("annotations") or {}
+        if before is not None and value != before and int(ann.get("zenml.io/rotation-count", 0)):
+            found.append(ann["zenml.io/api-key-id"])
+        before = value
+    return found
+
+
+async def wait_restarts(
+    cluster, deployment: str, expected: list[str] | None = None, *, secret: str | None = None
+) -> list[str]:
+    """Wait until the Deployment was restarted exactly once for each key in `expected` (or,
+    with `secret`, for each rotation written into that Secret so far), in order. Fails at
+    once on a restart that is not owed: a repeat, an unknown key, or one ahead of its
+    rotation."""
+
+    def check() -> list[str] | None:
+        owed = expected if expected is not None else rotated_keys(cluster, str(secret))
+        seen = restarts(cluster, deployment)
+        assert seen == owed[: len(seen)], f"restarts {seen}; one per rotation owed: {owed}"
+        return seen if seen == owed else None
+
+    return await cluster.wait_for(
+        check, timeout=20, interval=0.05, message=f"one restart of {deployment} per rotation"
+    )
 
 
 async def test_scheduled_rotation_fires_when_due_and_restarts_targets_once(
@@ -139,9 +192,13 @@ async def test_scheduled_rotation_fires_when_due_and_restarts_targets_once(
     status = await wait_count(cluster, name, 2)
     assert [k.id for k in await family(zenml_client, name) if k.active] == [status["currentKeyId"]]
     assert len(await family(zenml_client, name)) <= 2  # current + the deactivated previous
-    await cluster.wait_for(lambda: len(restarts(cluster, name)) >= 2, timeout=10)
-    assert restarts(cluster, name)[:2] == restarts(cluster, name)[:2]  # no repeats
-    assert len(restarts(cluster, name)) == len(set(restarts(cluster, name)))
+    # One restart per rotation: wait until the restarts caught up with the rotations
+    # written into the Secret (at least two), failing on any repeat on the way.
+    await cluster.wait_for(
+        lambda: len(rotated_keys(cluster, f"{name}-main")) >= 2, timeout=10, interval=0.05
+    )
+    done = await wait_restarts(cluster, name, secret=f"{name}-main")
+    assert len(done) >= 2 and len(set(done)) == len(done), done
     assert condition(status, "Ready")["status"] == "True"
 
 
@@ -269,11 +326,27 @@ async def test_suspend_stops_rotations(cluster, start_zenml_operator) -> None:
     await cluster.wait_for(
         lambda: _has_condition(cluster, name, "Ready", "True", "Suspended"), timeout=20
     )
-    status = await rotation_status(cluster, name)
-    await asyncio.sleep(5)  # more than two periods pass while suspended
-    assert (await rotation_status(cluster, name)).get("rotationCount", 0) == 0
-    assert status.get("rotationCount", 0) == 0
-    await cluster.patch(f"{ROT_PATH}/{name}", {"spec": {"suspend": False}})
+    path = f"{ROT_PATH}/{name}"
+    due = parse((await rotation_status(cluster, name))["nextRotationTime"])
+    # Overdue by more than two periods while suspended ...
+    await cluster.wait_for(
+        lambda: now() >= due + datetime.timedelta(seconds=4.5),
+        timeout=10,
+        interval=0.1,
+        message="two periods past the due time",
+    )
+    # ... the operator looks at it then (a spec change that keeps it suspended) ...
+    generation = (await cluster.patch(path, {"spec": {"period": "3s"}}))["metadata"]["generation"]
+    status = await cluster.wait_for(
+        lambda: _status_if(cluster, name, lambda s: s.get("observedGeneration") == generation),
+        timeout=20,
+        message="the overdue, suspended rotation looked at",
+    )
+    # ... and does not rotate: no count, no key written into the Secret.
+    assert status.get("rotationCount", 0) == 0, status
+    assert condition(status, "Ready")["reason"] == "Suspended", status
+    assert rotated_keys(cluster, f"{name}-main") == []
+    await cluster.patch(path, {"spec": {"suspend": False}})
     await wait_count(cluster, name, 1)
 
 
@@ -354,11 +427,7 @@ async def test_crash_mid_rotation_recovers(
 
     await start_zenml_operator()
     status = await wait_count(cluster, name, 1)
-    await cluster.wait_for(
-        lambda: restarts(cluster, name) == [status["currentKeyId"]],
-        timeout=20,
-        message="one restart for the new key",
-    )
+    await wait_restarts(cluster, name, [status["currentKeyId"]])
     status = await rotation_status(cluster, name)
     assert status["rotationCount"] == 1  # exactly one rotation, not two
     current = secret_value(await cluster.get(secret_path))

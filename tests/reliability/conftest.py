@@ -3,11 +3,15 @@ recorder of every object the operator created in ZenML."""
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
+import contextlib
+import contextvars
+import re
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,19 +71,53 @@ async def start_operator(
     crashpoints.disarm_all()
 
 
+ROTATED = re.compile(r"\.r[0-9]+$")  # `<key>.rN`: a rotated generation (declared names have no dot)
+_SEEDING: contextvars.ContextVar[bool] = contextvars.ContextVar("seeding", default=False)
+
+
 class Creations:
-    """Every successful create in ZenML, by any client in this process (operators included)."""
+    """Every successful create in ZenML, by any client in this process (operators included).
+
+    Creates the test makes itself (leftovers it plants) go inside `with creations.seeding():`.
+    """
 
     def __init__(self) -> None:
         self.accounts: Counter[str] = Counter()
         self.keys: Counter[tuple[str, str]] = Counter()  # (account id, key name)
+        # (account id, key name, value) of every key the operator created, in order.
+        self.issued: list[tuple[str, str, str]] = []
 
-    def duplicates(self) -> list[Any]:
-        """Accounts and declared keys created more than once (a rotated generation's name,
-        `<key>.rN`, may be created again after its unused predecessor was deleted)."""
-        return [n for n, c in self.accounts.items() if c > 1] + [
-            k for k, c in self.keys.items() if c > 1 and ".r" not in k[1]
-        ]
+    @contextlib.contextmanager
+    def seeding(self) -> Iterator[None]:
+        token = _SEEDING.set(True)
+        try:
+            yield
+        finally:
+            _SEEDING.reset(token)
+
+    def unwritten(self, cluster: Cluster) -> list[str]:
+        """Names of the keys the operator created whose value no Secret ever held, sorted
+        (judged by the bytes: every value of every Secret version in the emulator's log)."""
+        held = {
+            base64.b64decode(raw).decode(errors="replace")
+            for change in cluster.emulator._history
+            if change.resource.plural == "secrets"
+            for raw in (change.event["object"].get("data") or {}).values()
+        }
+        return sorted(name for _, name, value in self.issued if value not in held)
+
+    def duplicates(self, cluster: Cluster, *, unwritten: Iterable[str] = ()) -> list[Any]:
+        """What was created twice: an account or a declared key created more than once, and
+        every key created (a rotated generation included) whose value never got into a
+        Secret, but for the expected `unwritten` ones (each name once per expected loss: a
+        crash or a failed write between a create and its Secret write loses that value)."""
+        found: list[Any] = [n for n, c in self.accounts.items() if c > 1]
+        found += [k for k, c in self.keys.items() if c > 1 and not ROTATED.search(k[1])]
+        lost = Counter(self.unwritten(cluster))
+        lost.subtract(Counter(unwritten))
+        found += [f"created, never written: {n}" for n, c in sorted(lost.items()) if c > 0]
+        found += [f"expected unwritten, but written: {n}" for n, c in sorted(lost.items()) if c < 0]
+        return found
 
     def created(self, account_id: str) -> list[str]:
         """Every key name created under the account, once per create, sorted."""
@@ -100,6 +138,8 @@ def creations(monkeypatch: pytest.MonkeyPatch) -> Creations:
     async def counted_key(self: zc.ZenMLClient, account_id: str, name: str, **kwargs: Any) -> Any:
         result = await create_key(self, account_id, name, **kwargs)
         record.keys[account_id, name] += 1
+        if not _SEEDING.get():
+            record.issued.append((account_id, name, result.value.reveal()))
         return result
 
     monkeypatch.setattr(zc.ZenMLClient, "create_service_account", counted_account)

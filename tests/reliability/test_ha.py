@@ -3,9 +3,11 @@
 Both run the whole operator (`build_registry`) with peering as the chart sets it up for
 replicaCount > 1 (`--peering <name>`: mandatory peering, a KopfPeering object per watched
 namespace, different priorities). The leader does all the work; the standby is paused. Checks:
-- the rotation count grows by exactly one per period, each count is written once, and every
-  rotated key that was created is the one that got into the Secret (no key created twice for
-  one rotation, no orphan), and only the leader created them;
+- exactly ROTATIONS rotations (LEADER_ROTATIONS by the leader, the rest by the standby: the test
+  suspends the schedule when a phase has made its share), at most one per period; every
+  write of a new key value into the Secret carries the next count (no count written twice,
+  none skipped); every rotated key created is the one its rotation wrote (no key created twice
+  for one rotation, no orphan), and each operator created exactly its phase's keys;
 - the leader stops (killed): the standby takes over and the next rotations still happen;
 - every Kubernetes request of both operators, peering included, is allowed by the RBAC the
   chart renders for replicaCount 2 in namespaced mode.
@@ -39,7 +41,9 @@ PEERING_CRDS = (
 PEERING = "zenml-operator"
 WATCHED = ["default", "team-a"]
 PERIOD = 3.0  # seconds (the CRD's CEL says >= 5m; the operator itself accepts any)
+LEADER_ROTATIONS, ROTATIONS = 3, 5  # the README quotes ROTATIONS
 SA = "zenml.io/v1alpha1/serviceaccounts"
+COUNT = "zenml.io/rotation-count"
 ROT = "zenml.io/v1alpha1/apikeyrotations"
 
 
@@ -120,16 +124,53 @@ def _peers(emulator: Any) -> int:
 
 
 def _rotations(emulator: Any, secret: str) -> list[tuple[int, str, str]]:
-    """(rotation count, key id, issued-at) of every Secret version that changed the count."""
+    """(rotation count, key id, issued-at) of every Secret version that wrote a new key value or
+    a new count, one entry per version, never merged (a count written twice shows twice; a
+    count written without a new value shows with the same key id as the entry before)."""
     seen: list[tuple[int, str, str]] = []
+    before: tuple[Any, str] | None = None
     for change in emulator._history:
         if change.resource.plural != "secrets" or change.name != secret:
             continue
-        ann = change.event["object"]["metadata"].get("annotations") or {}
-        count = int(ann.get("zenml.io/rotation-count", "0"))
-        if count and (not seen or seen[-1][0] != count):
-            seen.append((count, ann["zenml.io/api-key-id"], ann["zenml.io/issued-at"]))
+        obj = change.event["object"]
+        ann = obj["metadata"].get("annotations") or {}
+        state = ((obj.get("data") or {}).get("ZENML_STORE_API_KEY"), ann.get(COUNT, "0"))
+        if before is not None and state != before:
+            seen.append((int(state[1]), ann["zenml.io/api-key-id"], ann["zenml.io/issued-at"]))
+        before = state
     return seen
+
+
+async def _suspend_at(cluster: Any, name: str, count: int, timeout: float) -> None:
+    """Wait for `count` rotations, suspend the schedule at once (the next one is a period
+    away), and wait until the operator has seen the suspension."""
+    emulator = cluster.emulator
+
+    def reached() -> bool:
+        rotations = _rotations(emulator, f"{name}-main")
+        counts = [c for c, _, _ in rotations]
+        # Each write of a new value carries the next count: none written twice or skipped.
+        assert counts == list(range(1, len(counts) + 1)), rotations
+        assert len(counts) <= count, f"{len(counts)} rotations, more than the {count} wanted"
+        return len(counts) == count
+
+    await cluster.wait_for(reached, timeout=timeout, message=f"{count} rotations")
+    await _set_suspend(cluster, name, True)
+
+
+async def _set_suspend(cluster: Any, name: str, suspend: bool) -> None:
+    path = f"/apis/{ROT.rsplit('/', 1)[0]}/namespaces/{NS}/apikeyrotations/{name}"
+    obj = await cluster.patch(path, {"spec": {"suspend": suspend}})
+    generation = obj["metadata"]["generation"]
+    reason = "Suspended" if suspend else "Scheduled"
+
+    async def seen() -> bool:
+        status = ((await cluster.get(path)) or {}).get("status") or {}
+        return status.get("observedGeneration") == generation and any(
+            c["type"] == "Ready" and c["reason"] == reason for c in status.get("conditions") or []
+        )
+
+    await cluster.wait_for(seen, timeout=15 + 4 * PERIOD, interval=0.05, message=reason)
 
 
 async def _scenario(cluster, zenml_client, operators, creates, capsys) -> None:
@@ -152,22 +193,23 @@ async def _scenario(cluster, zenml_client, operators, creates, capsys) -> None:
             },
         },
     )
-    await cluster.wait_for(lambda: len(_rotations(emulator, secret)) >= 3, timeout=6 * PERIOD)
+    await _suspend_at(cluster, name, LEADER_ROTATIONS, timeout=(LEADER_ROTATIONS + 3) * PERIOD)
     assert creates["standby"] == [], "the paused standby created keys"
-    by_leader = len(_rotations(emulator, secret))
+    by_leader = list(creates["leader"])
+    assert len(by_leader) == LEADER_ROTATIONS, by_leader
 
-    # The leader dies; the standby takes over and the schedule goes on.
+    # The leader dies; the standby takes over and the schedule goes on (the standby resumes
+    # it once the leader is gone: the resumption is handled by whoever leads then).
     await operators["leader"].kill()
-    await cluster.wait_for(
-        lambda: len(_rotations(emulator, secret)) >= by_leader + 2,
-        timeout=15 + 4 * PERIOD,
-        message="rotations by the standby",
-    )
+    await _set_suspend(cluster, name, False)
+    await _suspend_at(cluster, name, ROTATIONS, timeout=15 + (ROTATIONS + 2) * PERIOD)
     await operators["standby"].stop()  # freeze the state for the checks
 
     rotations = _rotations(emulator, secret)
     counts = [c for c, _, _ in rotations]
-    assert counts == list(range(1, len(counts) + 1)), counts  # each count written once
+    # Exactly ROTATIONS rotations, each count written once, with a new value each time.
+    assert counts == list(range(1, ROTATIONS + 1)), rotations
+    assert len({key_id for _, key_id, _ in rotations}) == ROTATIONS, rotations
     times = [datetime.datetime.fromisoformat(t.replace("Z", "+00:00")) for _, _, t in rotations]
     gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(times)]
     # one rotation per period, never two in one (issued-at has whole seconds)
@@ -175,8 +217,9 @@ async def _scenario(cluster, zenml_client, operators, creates, capsys) -> None:
     # Every rotated key created is the one its rotation wrote: none created twice.
     written = [key_id for _, key_id, _ in rotations]
     made = creates["leader"] + creates["standby"]
-    assert sorted(made) == sorted(written), (made, written)
-    assert creates["standby"], "the standby never took over"
+    assert made == written, (made, written)  # in order: the leader's, then the standby's
+    assert creates["leader"] == by_leader, "the killed leader created keys"
+    assert len(creates["standby"]) == ROTATIONS - LEADER_ROTATIONS, "the standby never took over"
     account = await zenml_client.get_service_account(name)
     family = [k for k in await zenml_client.list_api_keys(account.id) if k.name.startswith("main")]
     # Retention 0: the current key is the only active one (the previous one, if still there,
@@ -202,7 +245,7 @@ async def _scenario(cluster, zenml_client, operators, creates, capsys) -> None:
     peering_used = sorted({rule for _, rule in seen if rule[0] == "kopf.dev"})
     with capsys.disabled():
         print(
-            f"\nha: {len(rotations)} rotations ({by_leader} by the leader, then"
+            f"\nha: {len(rotations)} rotations ({len(by_leader)} by the leader, then"
             f" {len(creates['standby'])} by the standby after the leader was killed), each count"
             f" written once, {len(made)} keys created for them; peering requests granted:"
             f" {peering_used}"
