@@ -15,7 +15,9 @@ API behave the way Kopf and ordinary Kubernetes clients expect from a real clust
   409 Conflict, a failed JSON-patch ``test`` op is a 422;
 * watches replay only events newer than ``?resourceVersion=`` (from a bounded event history,
   answering 410 Gone when it is too old), honour ``timeoutSeconds``, ``sendInitialEvents``,
-  label and field selectors; lists report the real current ``resourceVersion``;
+  label and field selectors (an object that starts or stops matching a selector is sent as
+  ADDED or DELETED, as a real API server does); lists report the real current
+  ``resourceVersion``;
 * ``PUT`` (replace) is routed, which kmock does not do;
 * expected API errors (404, 409, 422, ...) are answered as Kubernetes ``Status`` responses and
   are NOT recorded in ``emulator.errors``, so that list only holds real emulator failures.
@@ -121,6 +123,9 @@ class _Change:
     namespace: str | None
     name: str
     event: dict[str, Any]  # {'type': ADDED|MODIFIED|DELETED, 'object': {...}}, never mutated
+    # The object before this change (None for a create): a selector-filtered watch sees an
+    # object that starts or stops matching as ADDED or DELETED, as a real API server sends it.
+    previous: dict[str, Any] | None = None
 
 
 def api_path(
@@ -566,10 +571,11 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         self._rv += 1
         obj["metadata"]["resourceVersion"] = str(self._rv)
         stored = self._objects[res, namespace, name]
+        previous = copy.deepcopy(stored.last.raw) if stored.history else None
         stored.history.append(obj)
         if event_type == "DELETED":
             stored.delete()  # soft deletion: kmock keeps the history for assertions
-        self._publish(res, namespace, name, event_type, obj)
+        self._publish(res, namespace, name, event_type, obj, previous=previous)
         return copy.deepcopy(obj)
 
     def _publish(
@@ -579,6 +585,8 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         name: str,
         event_type: str,
         obj: dict[str, Any],
+        *,
+        previous: dict[str, Any] | None = None,
     ) -> None:
         change = _Change(
             rv=self._rv,
@@ -586,6 +594,7 @@ class ClusterEmulator(kmock.KubernetesEmulator):
             namespace=namespace,
             name=name,
             event={"type": event_type, "object": copy.deepcopy(obj)},
+            previous=previous,
         )
         self._history.append(change)
         while len(self._history) > self.history_limit:
@@ -616,11 +625,10 @@ class ClusterEmulator(kmock.KubernetesEmulator):
             if since is not None and since < self._compacted_rv:
                 replay.append(_gone_event(since))
             elif since is not None:
-                replay.extend(
-                    copy.deepcopy(change.event)
-                    for change in self._history
-                    if change.rv > since and _change_matches(change, res, namespace, selector)
-                )
+                for change in self._history:
+                    event = _event_for(change, res, namespace, selector)
+                    if change.rv > since and event is not None:
+                        replay.append(event)
             else:
                 # No resourceVersion: "get the state and start at the most recent", i.e. a
                 # synthetic ADDED for every existing object (what kmock does for every watch).
@@ -647,8 +655,8 @@ class ClusterEmulator(kmock.KubernetesEmulator):
                     return  # timeoutSeconds elapsed: the client re-watches from its last rv
                 if change is None:
                     return  # the emulator is shutting down
-                if _change_matches(change, res, namespace, selector):
-                    yield copy.deepcopy(change.event)
+                if event := _event_for(change, res, namespace, selector):
+                    yield event
         finally:
             self._watchers.discard(queue)
 
@@ -865,14 +873,30 @@ def _initial_events_end_bookmark(res: kmock.resource, rv: int) -> dict[str, Any]
     }
 
 
-def _change_matches(
+def _event_for(
     change: _Change, res: kmock.resource, namespace: str | None, selector: _Selector
-) -> bool:
-    return (
-        change.resource == res
-        and (namespace is None or change.namespace == namespace)
-        and selector.matches(change.event["object"])
-    )
+) -> dict[str, Any] | None:
+    """The watch event a watcher of (res, namespace, selector) gets for a change, or None.
+
+    As a real API server's watch cache does: an object that starts matching the selector is
+    ADDED, one that stops matching is DELETED (its last matching content, at the change's
+    resourceVersion), and one that matches neither before nor after is not sent.
+    """
+    if change.resource != res or (namespace is not None and change.namespace != namespace):
+        return None
+    kind, obj = change.event["type"], change.event["object"]
+    if kind == "DELETED":
+        return copy.deepcopy(change.event) if selector.matches(obj) else None
+    now = selector.matches(obj)
+    before = change.previous is not None and selector.matches(change.previous)
+    if now:
+        return {"type": "MODIFIED" if before else "ADDED", "object": copy.deepcopy(obj)}
+    if before:
+        assert change.previous is not None
+        gone = copy.deepcopy(change.previous)
+        gone["metadata"]["resourceVersion"] = str(change.rv)
+        return {"type": "DELETED", "object": gone}
+    return None
 
 
 @dataclasses.dataclass(frozen=True)

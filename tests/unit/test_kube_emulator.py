@@ -259,6 +259,36 @@ async def test_watch_streams_live_changes_and_deletion_with_finalizers(cluster: 
     assert versions == sorted(versions) and versions[0] > int(since)
 
 
+async def test_label_selected_watch_sees_objects_enter_and_leave_the_selection(
+    cluster: Cluster,
+) -> None:
+    """As a real API server's watch cache: losing the selected label is a DELETED event (with
+    the last matching content), gaining it an ADDED one; other objects are never sent."""
+    selected = {"app": "mine"}
+    first = await cluster.create(
+        SECRETS, {"metadata": {"name": "s", "labels": selected}, "data": {"k": "dg=="}}
+    )
+    await cluster.create(SECRETS, {"metadata": {"name": "other"}, "data": {"k": "dg=="}})
+    since = first["metadata"]["resourceVersion"]
+    path = f"{SECRETS}/s"
+    stripped = await cluster.patch(path, {"metadata": {"labels": {"app": None}}})
+    await cluster.patch(path, {"data": {"k": "dw=="}})  # unselected before and after: not sent
+    back = await cluster.patch(path, {"metadata": {"labels": selected}})
+    await cluster.patch(f"{SECRETS}/other", {"data": {"k": "dw=="}})
+    await cluster.delete(path)
+
+    events = await watch_events(cluster, SECRETS, resourceVersion=since, labelSelector="app=mine")
+    assert [(e["type"], e["object"]["metadata"]["name"]) for e in events] == [
+        ("DELETED", "s"),
+        ("ADDED", "s"),
+        ("DELETED", "s"),
+    ]
+    gone = events[0]["object"]
+    assert gone["metadata"]["labels"] == selected  # the last content that matched
+    assert gone["metadata"]["resourceVersion"] == stripped["metadata"]["resourceVersion"]
+    assert events[1]["object"]["metadata"]["resourceVersion"] == back["metadata"]["resourceVersion"]
+
+
 async def test_watch_too_old_version_is_gone() -> None:
     emulator = ClusterEmulator(history_limit=2)
     declare_resources(emulator)
