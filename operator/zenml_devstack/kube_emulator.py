@@ -626,8 +626,9 @@ class ClusterEmulator(kmock.KubernetesEmulator):
                 replay.append(_gone_event(since))
             elif since is not None:
                 for change in self._history:
-                    event = _event_for(change, res, namespace, selector)
-                    if change.rv > since and event is not None:
+                    if change.rv <= since:
+                        continue
+                    if (event := _event_for(change, res, namespace, selector)) is not None:
                         replay.append(event)
             else:
                 # No resourceVersion: "get the state and start at the most recent", i.e. a
