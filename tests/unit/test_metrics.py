@@ -323,10 +323,12 @@ def test_registries_are_independent() -> None:
 async def test_server_serves_metrics_and_readiness() -> None:
     metrics = Metrics()
     attempts: list[int] = []
+    relogged = asyncio.Event()
 
     async def relogin() -> None:
         attempts.append(1)
         metrics.readiness.login_succeeded()
+        relogged.set()
 
     port = await metrics.serve(0, host="127.0.0.1")
     try:
@@ -344,7 +346,7 @@ async def test_server_serves_metrics_and_readiness() -> None:
             # A failed login is retried in the background from /readyz.
             metrics.readiness.relogin = relogin
             assert (await http.get("/readyz")).status_code == 503
-            await asyncio.sleep(0.05)
+            await asyncio.wait_for(relogged.wait(), timeout=5)  # the background login ran
             response = await http.get("/readyz")
             assert (response.status_code, response.text) == (200, "ok\n")
             assert attempts == [1]
