@@ -25,10 +25,17 @@ import yaml
 from reliability.helpers import NS, deployment_body, unique
 from zenml_operator import zenml_api as zc
 
-if platform.machine().lower() == "aarch64":  # helm-python-sdk ships no linux-arm64 wheel yet
-    helm = pytest.importorskip("helm_python")
-else:
+try:
     import helm_python as helm
+except ImportError:
+    # helm-python-sdk ships no linux-arm64 wheel yet: there, only what renders the chart is
+    # skipped (by `needs_helm`); a missing SDK anywhere else is a broken install, not a skip.
+    if platform.machine().lower() != "aarch64":
+        raise
+    helm = None
+
+NO_HELM = "helm-python-sdk has no wheel for this platform (linux-arm64): no chart to render"
+needs_helm = pytest.mark.skipif(helm is None, reason=NO_HELM)
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "zenml-operator"
 WATCHED = ["default", "team-a"]  # the namespaces the test operator watches
@@ -125,6 +132,7 @@ def observed(requests: list[Any]) -> tuple[set[tuple[str | None, Rule]], list[st
     return seen, discovery
 
 
+@needs_helm
 async def test_every_request_is_granted_and_every_grant_is_used(
     cluster, start_operator, zenml_client, operator_login_cached, capsys
 ) -> None:
