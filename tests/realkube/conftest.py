@@ -93,6 +93,9 @@ class Kube:
     def create(self, path: str, body: dict[str, Any], **params: str) -> dict[str, Any]:
         return self._ok(self.request("POST", path, json=body, params=params))
 
+    def replace(self, path: str, body: dict[str, Any], **params: str) -> dict[str, Any]:
+        return self._ok(self.request("PUT", path, json=body, params=params))
+
     def merge_patch(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         headers = {"Content-Type": "application/merge-patch+json"}
         return self._ok(self.request("PATCH", path, json=body, headers=headers))
