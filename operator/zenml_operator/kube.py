@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import logging
 import ssl
 import tempfile
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 import kopf
@@ -41,6 +43,10 @@ class KubeConflict(KubeError):
 
 class KubeNotFound(KubeError):
     """404."""
+
+
+class KubeGone(KubeError):
+    """410: a watch's resourceVersion is older than the server's history; list again."""
 
 
 def _materialise(data: str | bytes, suffix: str) -> str:
@@ -101,16 +107,25 @@ class KubeClient:
         # Few connections: API-server calls are short, and httpcore scans every pooled
         # connection on each request (its largest CPU cost in the benchmark profile).
         self._info = info
+        self._verify = ssl_context_for(info)
         self._http = httpx.AsyncClient(
             base_url=info.server.rstrip("/"),
-            verify=ssl_context_for(info),
+            verify=self._verify,
             timeout=timeout,
             limits=httpx.Limits(max_connections=max_connections),
             trust_env=info.trust_env,
         )
+        # Watch streams stay open for minutes: they get a client of their own, so that they
+        # never hold one of the few connections (or queue slots) of the short calls above.
+        self._watch_http: httpx.AsyncClient | None = None
         # Callers queue here rather than in httpcore's pool (quadratic in its waiters).
         self._in_flight = asyncio.Semaphore(max(1, max_connections))
         self.writes = 0  # Kubernetes writes sent, for the benchmarks' idle-cost figure
+        # What the operator's own Secret writes left behind, so that the Secret watch can
+        # tell its own changes from anyone else's: (namespace, name) -> the resourceVersion
+        # of the last create/patch answer, and -> the uid of the last delete.
+        self._own_versions: dict[tuple[str, str], str] = {}
+        self._own_deletes: dict[tuple[str, str], str] = {}
 
     def update_credentials(self, info: kopf.ConnectionInfo) -> None:
         """Kopf re-runs the login handler when tokens expire; follow it."""
@@ -118,6 +133,30 @@ class KubeClient:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+        if self._watch_http is not None:
+            await self._watch_http.aclose()
+
+    # --- the operator's own Secret writes ----------------------------------------------
+
+    def _wrote(self, namespace: str, written: Mapping[str, Any]) -> None:
+        meta = written.get("metadata") or {}
+        if meta.get("name") and meta.get("resourceVersion"):
+            self._own_versions[namespace, meta["name"]] = str(meta["resourceVersion"])
+
+    def is_own_change(
+        self, event_type: str, namespace: str, name: str, *, version: str, uid: str
+    ) -> bool:
+        """Whether a watch event of a Secret is the echo of the operator's own write: the
+        resourceVersion its create/patch left, or the uid it deleted."""
+        key = (namespace, name)
+        if event_type == "DELETED":
+            return bool(uid) and self._own_deletes.get(key) == uid
+        return bool(version) and self._own_versions.get(key) == version
+
+    def forget_secret(self, namespace: str, name: str) -> None:
+        """Drop the bookkeeping of a Secret that is gone."""
+        self._own_versions.pop((namespace, name), None)
+        self._own_deletes.pop((namespace, name), None)
 
     async def _request(
         self, method: str, path: str, *, json: Any = None, content_type: str | None = None
@@ -153,26 +192,112 @@ class KubeClient:
             return None
 
     async def create_secret(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        return await self._request("POST", self._secrets(namespace), json=body)
+        created = await self._request("POST", self._secrets(namespace), json=body)
+        self._wrote(namespace, created)
+        return created
 
     async def patch_secret(
         self, namespace: str, name: str, patch: Mapping[str, Any]
     ) -> dict[str, Any]:
         """Merge-patch; include metadata.resourceVersion in `patch` for a 409 on races."""
-        return await self._request(
+        patched = await self._request(
             "PATCH", f"{self._secrets(namespace)}/{name}", json=patch, content_type=MERGE_PATCH
         )
+        self._wrote(namespace, patched)
+        return patched
 
     async def delete_secret(self, namespace: str, name: str, *, uid: str | None = None) -> bool:
         """Delete; with `uid`, only that incarnation of the Secret (a precondition)."""
         body = {"kind": "DeleteOptions", "apiVersion": "v1"}
         if uid:
             body["preconditions"] = {"uid": uid}
+            self._own_deletes[namespace, name] = uid
         try:
             await self._request("DELETE", f"{self._secrets(namespace)}/{name}", json=body)
         except KubeNotFound:
             return False
         return True
+
+    @staticmethod
+    def _secrets_of(namespace: str | None) -> str:
+        return "/api/v1/secrets" if namespace is None else f"/api/v1/namespaces/{namespace}/secrets"
+
+    async def list_secrets(
+        self, namespace: str | None, *, label_selector: str, page_size: int = 500
+    ) -> tuple[list[dict[str, Any]], str]:
+        """The Secrets matching a label selector (filtered by the API server), in one
+        namespace or all (None), and the list's resourceVersion to watch from. Paged."""
+        items: list[dict[str, Any]] = []
+        token = ""
+        while True:
+            query = {"labelSelector": label_selector, "limit": str(page_size)}
+            if token:
+                query["continue"] = token
+            page = await self._request("GET", f"{self._secrets_of(namespace)}?{urlencode(query)}")
+            items.extend(page.get("items") or [])
+            meta = page.get("metadata") or {}
+            token = str(meta.get("continue") or "")
+            if not token:
+                return items, str(meta.get("resourceVersion") or "")
+
+    async def watch_secrets(
+        self,
+        namespace: str | None,
+        *,
+        label_selector: str,
+        resource_version: str,
+        timeout_seconds: int,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The watch events of the Secrets matching a label selector, from a resourceVersion
+        on, with bookmarks, until the server ends the stream (after `timeout_seconds`).
+
+        A 410 Gone (history compacted) is raised as `KubeGone`, whether it comes as the
+        answer or as an ERROR event in the stream; the caller lists again.
+        """
+        if self._watch_http is None:
+            self._watch_http = httpx.AsyncClient(
+                base_url=self._http.base_url, verify=self._verify, trust_env=self._info.trust_env
+            )
+        params = {
+            "watch": "true",
+            "labelSelector": label_selector,
+            "resourceVersion": resource_version,
+            "allowWatchBookmarks": "true",
+            "timeoutSeconds": str(timeout_seconds),
+        }
+        path = self._secrets_of(namespace)
+        # No read timeout shorter than the server's own end of the stream (+ slack).
+        timeout = httpx.Timeout(30.0, read=timeout_seconds + 30.0)
+        headers = dict(self._info.as_http_headers())
+        async with self._watch_http.stream(
+            "GET", path, params=params, headers=headers, timeout=timeout
+        ) as response:
+            if response.status_code >= 400:
+                await response.aread()
+                try:
+                    payload = response.json()
+                except ValueError:
+                    payload = {}
+                reason = str(payload.get("reason") or response.reason_phrase)
+                message = str(payload.get("message") or "")[:300]
+                cls = KubeGone if response.status_code == 410 else KubeError
+                raise cls(response.status_code, "WATCH", path, reason, message)
+            async for line in response.aiter_lines():
+                if not line.strip():
+                    continue
+                event = json.loads(line)
+                if event.get("type") == "ERROR":
+                    status = event.get("object") or {}
+                    code = int(status.get("code") or 500)
+                    cls = KubeGone if code == 410 else KubeError
+                    reason = str(status.get("reason") or "Error")
+                    message = str(status.get("message") or "")[:300]
+                    raise cls(code, "WATCH", path, reason, message)
+                yield event
+
+    async def create_event(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        """POST a core v1 Event (work done outside Kopf's handlers posts its own)."""
+        return await self._request("POST", f"/api/v1/namespaces/{namespace}/events", json=body)
 
     # --- Custom resources ------------------------------------------------------------
 
@@ -195,12 +320,12 @@ class KubeClient:
             return None
 
     async def list_objects(
-        self, api_version: str, plural: str, namespace: str
+        self, api_version: str, plural: str, namespace: str | None
     ) -> list[dict[str, Any]]:
+        """The objects of a namespace, or of a cluster-scoped kind (namespace None)."""
         prefix = "/api" if "/" not in api_version else "/apis"
-        result = await self._request(
-            "GET", f"{prefix}/{api_version}/namespaces/{namespace}/{plural}"
-        )
+        where = f"namespaces/{namespace}/" if namespace is not None else ""
+        result = await self._request("GET", f"{prefix}/{api_version}/{where}{plural}")
         return list(result.get("items") or [])
 
     async def patch_object(

@@ -97,6 +97,12 @@ def login(
         return None
     if getattr(memo, "kube", None) is None:
         memo.kube = KubeClient(info)
+        # Kopf runs this handler in a thread: wake the Secret watch's start-up (repairs.py),
+        # which waits on the event loop for the client.
+        waiter = getattr(memo, "kube_waiter", None)
+        if waiter is not None:
+            loop, ready = waiter
+            loop.call_soon_threadsafe(ready.set)
     else:
         memo.kube.update_credentials(info)
     return info

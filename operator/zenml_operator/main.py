@@ -14,7 +14,7 @@ from typing import Any
 
 import kopf
 
-from zenml_operator import lifecycle
+from zenml_operator import lifecycle, repairs
 from zenml_operator.config import OperatorConfig
 from zenml_operator.controller import Controller
 from zenml_operator.handlers import rotation as rot
@@ -40,6 +40,7 @@ def build_registry(
     ) -> None:
         lifecycle.configure(settings)
         await lifecycle.start(memo, config, metrics, logger)
+        repairs.start(memo, config, metrics, settings)  # the watch of the operator's Secrets
 
     @kopf.on.login(registry=registry)
     def login(memo: Any, **kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -47,6 +48,7 @@ def build_registry(
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(memo: Any, **_: Any) -> None:
+        await repairs.stop(memo)
         await lifecycle.cleanup(memo, metrics)
 
     async def reconcile(body: kopf.Body, memo: Any, **_: Any) -> None:

@@ -34,6 +34,65 @@ def plan_key(
     return KeyAction.SYNC_METADATA
 
 
+class ValueCheck(enum.Enum):
+    """Whether a Secret holds the value the operator issued for a key (without ZenML)."""
+
+    HELD = "held"  # the recorded digest matches the value
+    UNKNOWN = "unknown"  # written before digests: the key id and a value present vouch for it
+    OTHER_KEY = "other-key"  # the record names another key (or none)
+    MISSING = "missing"  # no value under the data key
+    REPLACED = "replaced"  # a value whose digest is not the one recorded when it was written
+    OUTDATED = "outdated"  # an older record of this key than the owner's status last saw
+
+    @property
+    def holds(self) -> bool:
+        return self in (ValueCheck.HELD, ValueCheck.UNKNOWN)
+
+
+def check_value(
+    *,
+    key_id_matches: bool,
+    value_present: bool,
+    recorded_digest: str | None,
+    held_digest: str | None,
+    issued_at: datetime.datetime | None = None,
+    last_issued_at: datetime.datetime | None = None,
+) -> ValueCheck:
+    """The key id is not enough on its own: ZenML keeps a key's id across re-issues, so an
+    older value of the same key (a stale copy, a restored backup) carries the right id and
+    is refused by ZenML. The digest of the value, recorded with it, tells them apart; a
+    whole-object copy brings its old digest along, but also its older issue time, which the
+    owner's status (`last_issued_at`, recorded for the same key id) has seen pass."""
+    if not key_id_matches:
+        return ValueCheck.OTHER_KEY
+    if not value_present:
+        return ValueCheck.MISSING
+    if recorded_digest is not None and held_digest != recorded_digest:
+        return ValueCheck.REPLACED
+    if issued_at is not None and last_issued_at is not None and issued_at < last_issued_at:
+        return ValueCheck.OUTDATED
+    return ValueCheck.HELD if recorded_digest is not None else ValueCheck.UNKNOWN
+
+
+@dataclass(frozen=True)
+class Peer:
+    """One entry of Kopf's peering object: an operator's priority and until when it lives."""
+
+    priority: int
+    alive_until: datetime.datetime
+
+
+def peering_allows(*, peers: list[Peer], own_priority: int, now: datetime.datetime) -> bool:
+    """Whether an operator running with Kopf peering may act on its own (the Secret watch
+    acts outside Kopf's handlers, which Kopf pauses): as Kopf decides it, no live peer of a
+    higher priority and no other of the same; and this operator is seen in the object (one
+    live entry of its own priority), else it has not joined yet."""
+    live = [p for p in peers if p.alive_until > now]
+    same = sum(1 for p in live if p.priority == own_priority)
+    higher = any(p.priority > own_priority for p in live)
+    return same == 1 and not higher
+
+
 class AccountVerdict(enum.Enum):
     """Whose a ZenML account found by name is."""
 

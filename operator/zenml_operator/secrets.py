@@ -9,8 +9,15 @@ import base64
 from collections.abc import Mapping
 from typing import Any
 
+from zenml_operator import policies as pol
 from zenml_operator.models import API_VERSION, ApiKeySpec
-from zenml_operator.secret_record import ANN_KEY_ID, value_annotations
+from zenml_operator.secret_record import (
+    ANN_VALUE_DIGEST,
+    SecretRecord,
+    data_digest,
+    value_annotations,
+)
+from zenml_operator.timestamps import parse_time
 
 MANAGED_BY = "zenml-operator"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -48,6 +55,21 @@ def is_owned_by(secret: Mapping[str, Any], owner_uid: str) -> bool:
         if ref.get("uid") == owner_uid and ref.get("controller"):
             return True
     return False
+
+
+def claims_owner(secret: Mapping[str, Any], *, owner_name: str, key_name: str) -> bool:
+    """A Secret that lost its owner reference but still says it is this key's: no controller
+    reference at all, and the operator's labels naming this ServiceAccount and key. (The
+    caller also requires its recorded key id to be one of this key's ZenML keys.)"""
+    meta = secret.get("metadata") or {}
+    if any(ref.get("controller") for ref in meta.get("ownerReferences") or []):
+        return False
+    labels = meta.get("labels") or {}
+    return (
+        labels.get(LABEL_MANAGED_BY) == MANAGED_BY
+        and labels.get(LABEL_ACCOUNT) == owner_name
+        and labels.get(LABEL_KEY) == key_name
+    )
 
 
 def owner_description(secret: Mapping[str, Any]) -> str:
@@ -91,7 +113,7 @@ def new_secret(
 ) -> dict[str, Any]:
     meta = desired_metadata(owner=owner, key=key, secret_name=secret_name)
     meta["annotations"].update(
-        {**tracking_annotations(key), **value_annotations(key_id, issued_at)}
+        {**tracking_annotations(key), **value_annotations(key_id, issued_at, key_value)}
     )
     return {
         "apiVersion": "v1",
@@ -126,13 +148,49 @@ def _split(raw: str) -> set[str]:
     return set(raw.split(",")) - {""}
 
 
-def secret_holds_key(secret: Mapping[str, Any], key_id: str) -> bool:
-    """Does this Secret carry a value of ZenML key `key_id`? (The value itself is unreadable
-    from ZenML, so the key-id annotation written with the value is the evidence.)"""
-    annotations = secret.get("metadata", {}).get("annotations") or {}
+def held_value(secret: Mapping[str, Any]) -> str | None:
+    """The key value (base64, as in `data`) under the data key the operator last wrote it."""
     _, value_key = _data_keys(secret)
-    data = secret.get("data") or {}
-    return annotations.get(ANN_KEY_ID) == key_id and bool(value_key and data.get(value_key))
+    return (secret.get("data") or {}).get(value_key) if value_key else None
+
+
+def value_check(
+    secret: Mapping[str, Any], key_id: str, *, last_issued_at: str | None = None
+) -> pol.ValueCheck:
+    """Does this Secret hold the value issued for ZenML key `key_id`? The value cannot be
+    read back from ZenML: the evidence is the record written with it (key id, issue time,
+    digest of the value). `last_issued_at`: the issue time the owner's status last
+    recorded for this key, if it recorded the same key id."""
+    record = SecretRecord.of(secret)
+    value = held_value(secret)
+    return pol.check_value(
+        key_id_matches=record.key_id == key_id,
+        value_present=bool(value),
+        recorded_digest=record.value_digest,
+        held_digest=data_digest(value),
+        issued_at=record.issued_at,
+        last_issued_at=parse_time(last_issued_at),
+    )
+
+
+def secret_holds_key(secret: Mapping[str, Any], key_id: str) -> bool:
+    """Does this Secret carry the issued value of ZenML key `key_id`? (see value_check)"""
+    return value_check(secret, key_id).holds
+
+
+def repairs_in(
+    *, secret: Mapping[str, Any], owner: Mapping[str, Any], key: ApiKeySpec
+) -> list[str]:
+    """What the operator puts back that someone removed or changed (for an Event; no value)."""
+    labels = (secret.get("metadata") or {}).get("labels") or {}
+    found = []
+    if not is_owned_by(secret, owner["metadata"]["uid"]):
+        found.append("its owner reference")
+    want = desired_metadata(owner=owner, key=key, secret_name="")["labels"]
+    for label in (LABEL_MANAGED_BY, LABEL_ACCOUNT, LABEL_KEY):
+        if labels.get(label) != want[label]:
+            found.append(f"label {label}")
+    return found
 
 
 def metadata_patch(
@@ -159,6 +217,10 @@ def metadata_patch(
 
     want_ann = {**template.annotations, **tracking_annotations(key)}
     annotations: dict[str, Any] = {k: v for k, v in want_ann.items() if have_ann.get(k) != v}
+    if not have_ann.get(ANN_VALUE_DIGEST) and (digest := data_digest(held_value(secret))):
+        # Written before digests were recorded: record the value it holds now (a value the
+        # key id and data already vouch for), so that a later replacement is noticed.
+        annotations[ANN_VALUE_DIGEST] = digest
     for stale in _split(have_ann.get(ANN_TEMPLATE_ANNOTATIONS, "")) - set(template.annotations):
         if stale in have_ann:
             annotations[stale] = None
@@ -180,6 +242,13 @@ def metadata_patch(
         changes[old_url_key] = None
     if changes:
         patch["data"] = changes
+    if not is_owned_by(secret, owner["metadata"]["uid"]):
+        # Claimed back (claims_owner): restore the controller reference, keep the others.
+        refs = [r for r in meta.get("ownerReferences") or [] if not r.get("controller")]
+        patch.setdefault("metadata", {})["ownerReferences"] = [
+            *refs,
+            owner_reference(owner, "ServiceAccount"),
+        ]
     return patch or None
 
 
@@ -202,7 +271,7 @@ def value_patch(
     meta = patch.setdefault("metadata", {})
     meta["resourceVersion"] = secret["metadata"]["resourceVersion"]
     meta.setdefault("annotations", {}).update(
-        {**value_annotations(key_id, issued_at), **(extra_annotations or {})}
+        {**value_annotations(key_id, issued_at, key_value), **(extra_annotations or {})}
     )
     patch.setdefault("data", {})[key.secret_template.keys.api_key] = b64(key_value)
     return patch

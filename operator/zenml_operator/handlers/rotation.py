@@ -40,6 +40,7 @@ from zenml_operator.handlers.common import (
     secret_lock,
 )
 from zenml_operator.handlers.restarts import restart_targets
+from zenml_operator.kube import KubeConflict
 from zenml_operator.models import (
     API_VERSION,
     ROTATE_ANNOTATION,
@@ -409,6 +410,47 @@ class RotationReconciler:
         window = datetime.timedelta(seconds=self.deps.resync_seconds)
         return not (retention.key_id and until is not None and until <= now < until + window)
 
+    async def _write_rotated(
+        self,
+        sa: Mapping[str, Any],
+        key: ApiKeySpec,
+        secret_name: str,
+        secret: Mapping[str, Any],
+        current_id: str,
+        issued: zc.IssuedApiKey,
+        issued_at: str,
+        extra: Mapping[str, str],
+    ) -> Mapping[str, Any]:
+        """The new value and the rotation record in ONE write, conditional on the Secret's
+        resourceVersion. Someone else's edit in between (a label, another value) answers 409:
+        the Secret is read again and, while it still records the key this rotation replaces,
+        written again, so the new key is not abandoned for a Secret edit."""
+        for _ in range(3):
+            patch = sec.value_patch(
+                secret=secret,
+                owner=sa,
+                key=key,
+                zenml_url=self.deps.secret_url,
+                key_id=issued.info.id,
+                key_value=issued.value.reveal(),
+                issued_at=issued_at,
+                extra_annotations=extra,
+            )
+            try:
+                return await self.deps.kube.patch_secret(self.namespace, secret_name, patch)
+            except KubeConflict:
+                fresh = await self.deps.kube.get_secret(self.namespace, secret_name)
+                if (
+                    fresh is None
+                    or not sec.is_owned_by(fresh, sa["metadata"]["uid"])
+                    or SecretRecord.of(fresh).key_id != current_id
+                ):
+                    raise  # deleted, taken, or switched to another key: the look starts over
+                secret = fresh
+        raise ReconcileProblem(
+            "KubernetesError", f"Secret {secret_name!r} kept changing; retrying.", retry=True
+        )
+
     async def rotate(
         self,
         spec: ApiKeyRotationSpec,
@@ -434,17 +476,9 @@ class RotationReconciler:
             count=count + 1,
             request=self.request,
         )
-        patch = sec.value_patch(
-            secret=secret,
-            owner=sa,
-            key=key,
-            zenml_url=self.deps.secret_url,
-            key_id=issued.info.id,
-            key_value=issued.value.reveal(),
-            issued_at=iso(now),
-            extra_annotations=extra,
+        written = await self._write_rotated(
+            sa, key, secret_name, secret, current_id, issued, iso(now), extra
         )
-        written = await self.deps.kube.patch_secret(self.namespace, secret_name, patch)
         await crashpoint("rotation.after-secret-write")
         self.event(
             "Normal",

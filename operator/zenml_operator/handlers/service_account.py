@@ -56,6 +56,17 @@ def parse_spec(body: Mapping[str, Any]) -> ServiceAccountSpec:
         raise invalid_spec(exc) from None
 
 
+# Why a Secret that exists was re-issued (the Warning Event; never the value).
+REISSUE_REASONS = {
+    pol.ValueCheck.OTHER_KEY: "did not hold the current key",
+    pol.ValueCheck.MISSING: "had no key value under its data key",
+    pol.ValueCheck.REPLACED: (
+        "held a value that is not the issued key (its SHA-256 differs from the digest"
+        " recorded when the operator wrote it)"
+    ),
+    pol.ValueCheck.OUTDATED: "held an older value of the key than the last one issued",
+}
+
 # Secret annotations the operator keeps its own record in (key ids, issue time, retention,
 # rotation count, ...): a template must not write them.
 RESERVED_ANNOTATION_PREFIX = "zenml.io/"
@@ -139,15 +150,30 @@ class ServiceAccountReconciler(AccountSteps):
             # re-issue (and kill) a key inside its retention.
             members = kf.family(await self.deps.zenml.list_api_keys(account.id), key.name)
         existing = kf.current_key(members, secret)
+        # A Secret that lost its owner reference is still ours when its labels and the key
+        # id it records say so (that key is one of this key's ZenML keys); claimed back.
+        owned = secret is not None and (
+            sec.is_owned_by(secret, self.uid)
+            or (
+                sec.claims_owner(secret, owner_name=self.name, key_name=key.name)
+                and held in {m.id for m in members}
+            )
+        )
+        last = next((e for e in self.status.get("apiKeys") or [] if e.get("name") == key.name), {})
+        check = pol.ValueCheck.MISSING
 
         def plan() -> pol.KeyAction:
+            nonlocal check
+            if existing is not None and secret is not None:
+                same_key = last.get("id") == existing.id
+                check = sec.value_check(
+                    secret, existing.id, last_issued_at=last.get("issuedAt") if same_key else None
+                )
             return pol.plan_key(
                 secret_exists=secret is not None,
-                secret_owned=secret is not None and sec.is_owned_by(secret, self.uid),
+                secret_owned=owned,
                 key_exists=existing is not None,
-                secret_holds_key=existing is not None
-                and secret is not None
-                and sec.secret_holds_key(secret, existing.id),
+                secret_holds_key=existing is not None and secret is not None and check.holds,
             )
 
         action = plan()
@@ -205,7 +231,11 @@ class ServiceAccountReconciler(AccountSteps):
                 await crashpoint("sa.key.after-reissue")
                 issued_at = await self.write_value(key, secret, secret_name, issued)
                 await crashpoint("sa.key.after-reissue-write")
-                what = "was missing" if secret is None else "did not hold the current key"
+                what = (
+                    "was missing"
+                    if secret is None
+                    else REISSUE_REASONS.get(check, "did not hold the current key")
+                )
                 self.event(
                     "Warning",
                     "ApiKeyReissued",
@@ -218,11 +248,19 @@ class ServiceAccountReconciler(AccountSteps):
                     secret=secret, owner=self.body, key=key, zenml_url=self.deps.secret_url
                 )
                 if patch is not None:
+                    restored = sec.repairs_in(secret=secret, owner=self.body, key=key)
                     patch.setdefault("metadata", {})["resourceVersion"] = secret["metadata"][
                         "resourceVersion"
                     ]
                     await self.deps.kube.patch_secret(self.namespace, secret_name, patch)
                     await crashpoint("sa.key.after-metadata-patch")
+                    if restored:
+                        self.event(
+                            "Normal",
+                            "SecretRepaired",
+                            f"Secret {secret_name!r} of API key {key.name!r}: restored"
+                            f" {', '.join(restored)}",
+                        )
         entry.update(
             id=existing.id,
             active=existing.active,

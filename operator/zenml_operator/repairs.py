@@ -1,0 +1,315 @@
+"""Repair a managed Secret within seconds: reconcile its owner when the Secret watch sees it
+change (deleted, value replaced or removed, labels or owner reference stripped).
+
+`SecretRepairs` receives every change from `secret_watch.SecretWatch` and, per owning
+ServiceAccount:
+- waits a short settle time, so that a burst of changes (an edit touching several fields,
+  a Secret deleted and re-created) makes one reconcile;
+- drops the echoes of the operator's own writes (the resourceVersion its create/patch left,
+  the uid it deleted): a converged operator writes nothing, so its writes cause no further
+  reconcile, and even a missed echo only costs one reconcile that writes nothing;
+- runs the ordinary ServiceAccount reconcile through the one runner (the same per-object
+  lock, fresh read and single status write as Kopf's handlers), on slots of its own so that
+  a repair never waits behind a burst of creates for a reconcile slot;
+- then wakes the rotations of that ServiceAccount, whose next look reads the repaired
+  Secret (a re-issue moves its schedule; a rotation waiting for a missing Secret goes on);
+- retries after the retry delay while the problem may heal itself (ZenML away).
+
+It acts outside Kopf's handlers, which Kopf pauses when a peer of higher priority runs
+(`--peering`): it then asks Kopf's peering object whether this operator leads
+(policies.peering_allows) and leaves the Secret to the leader if not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from zenml_operator import lifecycle
+from zenml_operator import policies as pol
+from zenml_operator.config import OperatorConfig
+from zenml_operator.controller import SERVICE_ACCOUNTS
+from zenml_operator.handlers import service_account as sa
+from zenml_operator.handlers.common import Deps, Outcome
+from zenml_operator.kube import KubeError
+from zenml_operator.metrics import Metrics
+from zenml_operator.models import API_VERSION
+from zenml_operator.runner import Runner
+from zenml_operator.secret_watch import SecretChange, SecretWatch
+from zenml_operator.timestamps import parse_time, utcnow
+
+PEERING_API = "kopf.dev/v1"
+
+logger = logging.getLogger(__name__)
+
+
+class SecretRepairs:
+    def __init__(
+        self,
+        *,
+        deps: Deps,
+        metrics: Metrics,
+        peering: Any = None,  # kopf.OperatorSettings.peering; None: no peering
+        reporting_component: str = "kopf",
+        retry_delay: float = 15.0,
+        settle: float = 0.25,
+        concurrency: int = 8,
+    ) -> None:
+        # Kopf's kopf.event() works only inside its handlers' tasks: these runs post their
+        # Events themselves (same shape, same component). Locks, wake-ups and clients are
+        # the handlers' own (a copy of Deps shares them).
+        self.events = EventPoster(deps.kube, component=reporting_component)
+        self.deps = dataclasses.replace(deps, events=self.events)
+        self.metrics = metrics
+        self.peering = peering
+        self.retry_delay = retry_delay
+        self.settle = settle
+        # Slots of its own: a repair never queues behind a burst of creates for a slot.
+        self.runner = Runner(
+            deps=self.deps,
+            metrics=metrics,
+            slots=asyncio.Semaphore(max(1, concurrency)),
+            post_event=self.events,
+        )
+        self._pending: dict[tuple[str, str], list[SecretChange]] = {}
+        self._tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self.runs = 0  # reconciles started by Secret changes (tests, the benchmark)
+
+    # --- from the watch --------------------------------------------------------------------
+
+    def secret_changed(self, change: SecretChange) -> None:
+        """Called by the watch for every change of a managed Secret (no I/O here)."""
+        owner = (change.namespace, change.owner)
+        self._pending.setdefault(owner, []).append(change)
+        if owner not in self._tasks:
+            name = f"zenml-operator repair {change.namespace}/{change.owner}"
+            self._tasks[owner] = asyncio.create_task(self._drain(owner), name=name)
+
+    @property
+    def idle(self) -> bool:
+        """No change waiting and no repair running (tests, the benchmark)."""
+        return not self._pending and not self._tasks
+
+    async def aclose(self) -> None:
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+        self._pending.clear()
+        await self.events.aclose()
+
+    # --- per owner --------------------------------------------------------------------------
+
+    async def _drain(self, owner: tuple[str, str]) -> None:
+        try:
+            while owner in self._pending:
+                await asyncio.sleep(self.settle)  # let a burst of changes settle into one run
+                changes = self._pending.pop(owner, [])
+                external = [c for c in changes if not self._own(c)]
+                if not external:
+                    continue  # only echoes of the operator's own writes
+                if not await self._allowed(owner[0]):
+                    logger.debug(f"Secret change of {owner}: left to the leading peer")
+                    continue
+                uid = next((c.owner_uid for c in reversed(external) if c.owner_uid), None)
+                names = sorted({c.name for c in external})
+                if await self._repair(owner, uid, names):
+                    await asyncio.sleep(self.retry_delay)
+                    self._pending.setdefault(owner, []).extend(external)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug: the next resync repairs the Secret anyway
+            logger.exception(f"Repairing the Secrets of {owner[0]}/{owner[1]} failed")
+        finally:
+            self._tasks.pop(owner, None)
+
+    def _own(self, change: SecretChange) -> bool:
+        kube = self.deps.kube
+        own = kube.is_own_change(
+            change.type, change.namespace, change.name, version=change.version, uid=change.uid
+        )
+        if change.type == "DELETED":
+            kube.forget_secret(change.namespace, change.name)
+        return own
+
+    async def _repair(self, owner: tuple[str, str], uid: str | None, secrets: list[str]) -> bool:
+        """One reconcile of the owner; True when it should be tried again later."""
+        namespace, name = owner
+        if uid is None:  # only the label names the owner: its uid from the object
+            try:
+                obj = await self.deps.kube.get_object(API_VERSION, sa.PLURAL, namespace, name)
+            except KubeError as exc:
+                logger.warning(f"Secret change of {namespace}/{name}: cannot read it: {exc}")
+                return True
+            if obj is None:
+                return False
+            uid = str(obj["metadata"]["uid"])
+        logger.info(
+            f"Secret {', '.join(secrets)} of ServiceAccount {namespace}/{name} changed;"
+            " reconciling it now"
+        )
+        self.runs += 1
+        declared: list[str] = []
+
+        async def reconcile(fresh: dict[str, Any]) -> Outcome:
+            keys = (fresh.get("spec") or {}).get("apiKeys") or []
+            declared.extend(str(k.get("name")) for k in keys if isinstance(k, Mapping))
+            return await sa.ServiceAccountReconciler(fresh, self.deps).run()
+
+        outcome = await self.runner.run(
+            SERVICE_ACCOUNTS, namespace, name, uid, reconcile, observe=self._observe
+        )
+        if outcome is None:
+            return False  # gone or being deleted
+        await self._wake_rotations(namespace, name, declared)
+        return outcome.problem is not None and outcome.problem.retry
+
+    def _observe(
+        self, obj: Mapping[str, Any], before: Mapping[str, Any], after: Mapping[str, Any]
+    ) -> None:
+        meta = obj["metadata"]
+        self.metrics.set_api_keys(meta["namespace"], meta["name"], after.get("apiKeys"))
+
+    async def _wake_rotations(self, namespace: str, account: str, keys: list[str]) -> None:
+        """Wake the daemons of the rotations of this account's keys (Kopf's index names
+        them; a daemon's wake-up is found by the rotation's uid)."""
+        claims = self.deps.rotation_claims
+        names = {name for key in keys for _, name in claims(namespace, account, key)}
+        for name in sorted(names):
+            try:
+                rotation = await self.deps.kube.get_object(
+                    API_VERSION, "apikeyrotations", namespace, name
+                )
+            except KubeError:
+                continue
+            uid = (rotation or {}).get("metadata", {}).get("uid")
+            wakeup = self.deps.wakeups.get(uid) if uid else None
+            if wakeup is not None:  # None: no daemon of it runs here
+                wakeup.set()
+
+    # --- Kopf peering -----------------------------------------------------------------------
+
+    async def _allowed(self, namespace: str) -> bool:
+        peering = self.peering
+        if peering is None or peering.standalone:
+            return True
+        try:
+            if peering.clusterwide:
+                items = await self.deps.kube.list_objects(PEERING_API, "clusterkopfpeerings", None)
+            else:
+                items = await self.deps.kube.list_objects(PEERING_API, "kopfpeerings", namespace)
+        except KubeError as exc:
+            logger.warning(f"Cannot read Kopf's peering object ({exc}); leaving it to resync")
+            return False
+        found = next((i for i in items if i["metadata"]["name"] == peering.name), None)
+        if found is None:
+            return not peering.mandatory
+        return pol.peering_allows(
+            peers=peers_of(found), own_priority=peering.priority, now=utcnow()
+        )
+
+
+class EventPoster:
+    """Posts core v1 Events as Kopf does (fire and forget; a failure is only logged)."""
+
+    def __init__(self, kube: Any, *, component: str) -> None:
+        self.kube = kube
+        self.component = component
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def __call__(self, body: Mapping[str, Any], *, type: str, reason: str, message: str) -> None:
+        meta = body.get("metadata") or {}
+        now = utcnow().isoformat()
+        event = {
+            "metadata": {"namespace": meta.get("namespace"), "generateName": "kopf-event-"},
+            "type": type,
+            "reason": reason,
+            "message": message[:1024],
+            "reportingComponent": self.component,
+            "source": {"component": self.component},
+            "involvedObject": {
+                "apiVersion": body.get("apiVersion"),
+                "kind": body.get("kind"),
+                "name": meta.get("name"),
+                "uid": meta.get("uid"),
+                "namespace": meta.get("namespace"),
+            },
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "eventTime": now,
+        }
+        task = asyncio.create_task(self._post(str(meta.get("namespace")), event))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _post(self, namespace: str, event: Mapping[str, Any]) -> None:
+        try:
+            await self.kube.create_event(namespace, event)
+        except Exception as exc:  # Events are auxiliary: never fail the repair
+            logger.warning(f"Failed to post an event ({exc}): {event['reason']}")
+
+    async def aclose(self) -> None:
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=5)
+
+
+def peers_of(peering: Mapping[str, Any]) -> list[pol.Peer]:
+    """The entries of a Kopf peering object's status (identity -> priority/lifetime/lastseen)."""
+    peers = []
+    for info in (peering.get("status") or {}).values():
+        if not isinstance(info, Mapping):
+            continue
+        seen = parse_time(info.get("lastseen")) or utcnow()
+        lifetime = int(info.get("lifetime") or 60)
+        alive_until = seen + datetime.timedelta(seconds=lifetime)
+        peers.append(pol.Peer(int(info.get("priority") or 0), alive_until))
+    return peers
+
+
+# --- start-up and clean-up (called by main.py's activities) ---------------------------------
+
+
+def start(memo: Any, config: OperatorConfig, metrics: Metrics, settings: Any) -> None:
+    """Start the Secret watch once Kopf's login has made the Kubernetes client (start-up
+    runs before the login; lifecycle.login announces the client)."""
+    loop = asyncio.get_running_loop()
+    ready = asyncio.Event()
+    memo.kube_waiter = (loop, ready)
+    scopes: tuple[str | None, ...] = tuple(config.namespaces) or (None,)
+
+    async def run() -> None:
+        if getattr(memo, "kube", None) is None:
+            await ready.wait()
+        deps = lifecycle.deps_of(memo)
+        memo.secret_repairs = found = SecretRepairs(
+            deps=deps,
+            metrics=metrics,
+            peering=settings.peering,
+            reporting_component=settings.posting.reporting_component,
+            retry_delay=config.retry_delay,
+        )
+        memo.secret_watch = watch = SecretWatch(deps.kube, scopes, found.secret_changed)
+        watch.start()
+
+    memo.secret_watch_starter = asyncio.create_task(run(), name="zenml-operator secret watch")
+
+
+async def stop(memo: Any) -> None:
+    starter = getattr(memo, "secret_watch_starter", None)
+    if starter is not None:
+        starter.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await starter
+    watch = getattr(memo, "secret_watch", None)
+    if watch is not None:
+        await watch.stop()
+    found = getattr(memo, "secret_repairs", None)
+    if found is not None:
+        await found.aclose()
+    memo.secret_watch_starter = memo.secret_watch = memo.secret_repairs = None
