@@ -1,0 +1,308 @@
+"""Repairing managed Secrets, piece by piece: the value check (a table, as the other pure
+decisions in test_policies.py), the peering gate, the digest in the Secret record, claiming
+back a Secret that lost its owner reference, and the Secret watch against the emulator."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime
+from typing import Any
+
+import kopf
+import pytest
+
+from fixtures_kube import Cluster
+from zenml_devstack.kube_emulator import (
+    ClusterEmulator,
+    declare_resources,
+    merge_patch,
+    running_emulator,
+)
+from zenml_operator import secrets as sec
+from zenml_operator.kube import KubeClient, KubeGone
+from zenml_operator.models import ApiKeySpec
+from zenml_operator.policies import Peer, ValueCheck, check_value, peering_allows
+from zenml_operator.repairs import peers_of
+from zenml_operator.secret_record import ANN_VALUE_DIGEST, SecretRecord, value_digest
+from zenml_operator.secret_watch import SELECTOR, SecretChange, SecretWatch, owner_of
+
+T0 = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+T1 = T0 + datetime.timedelta(hours=1)
+D = value_digest("ZENKEY_issued")
+OTHER = value_digest("ZENKEY_something-else")
+
+# key id matches, value present, recorded digest, digest of the value held,
+# issue time in the Secret, issue time the owner's status last saw -> check
+VALUE_CASES = [
+    ((True, True, D, D, T1, T1), ValueCheck.HELD),  # converged
+    ((True, True, D, D, T1, None), ValueCheck.HELD),  # the status has not seen it yet
+    ((True, True, D, D, T1, T0), ValueCheck.HELD),  # newer than the status: a rotation/re-issue
+    ((True, True, None, D, T1, T1), ValueCheck.UNKNOWN),  # written before digests: trusted
+    ((True, True, None, OTHER, None, None), ValueCheck.UNKNOWN),  # (the old check only)
+    ((False, True, D, D, T1, T1), ValueCheck.OTHER_KEY),  # the record names another key
+    ((True, False, D, None, T1, T1), ValueCheck.MISSING),  # data key removed
+    ((True, True, D, OTHER, T1, T1), ValueCheck.REPLACED),  # value replaced, record kept
+    ((True, True, D, None, T1, T1), ValueCheck.REPLACED),  # not base64: not the value written
+    ((True, True, D, D, T0, T1), ValueCheck.OUTDATED),  # a whole-object copy from before
+    ((True, True, None, D, T0, T1), ValueCheck.OUTDATED),  # ... also of a pre-digest Secret
+]
+
+
+@pytest.mark.parametrize(
+    ("inputs", "expected"),
+    VALUE_CASES,
+    ids=[f"{e.value}-{i}" for i, (_, e) in enumerate(VALUE_CASES)],
+)
+def test_check_value(inputs: tuple[Any, ...], expected: ValueCheck) -> None:
+    matches, present, recorded, held, issued_at, last_issued_at = inputs
+    got = check_value(
+        key_id_matches=matches,
+        value_present=present,
+        recorded_digest=recorded,
+        held_digest=held,
+        issued_at=issued_at,
+        last_issued_at=last_issued_at,
+    )
+    assert got is expected
+    assert got.holds is (expected in (ValueCheck.HELD, ValueCheck.UNKNOWN))
+
+
+LIVE, DEAD = T1, T0 - datetime.timedelta(seconds=1)  # alive_until, seen from `now` = T0
+# peers (priority, alive until), own priority -> may act
+PEERING_CASES = [
+    (([(5, LIVE)], 5), True),  # alone
+    (([(5, LIVE), (3, LIVE)], 5), True),  # the leader
+    (([(5, LIVE), (9, LIVE)], 5), False),  # a higher live peer: Kopf pauses us
+    (([(5, LIVE), (9, DEAD)], 5), True),  # ... unless it is dead
+    (([(5, LIVE), (5, LIVE)], 5), False),  # same priority: Kopf pauses everyone
+    (([(9, LIVE)], 5), False),  # not in the object yet (not joined): wait
+    (([], 5), False),
+]
+
+
+@pytest.mark.parametrize(("inputs", "allowed"), PEERING_CASES)
+def test_peering_allows(inputs: tuple[list[tuple[int, Any]], int], allowed: bool) -> None:
+    peers, own = inputs
+    got = peering_allows(peers=[Peer(p, until) for p, until in peers], own_priority=own, now=T0)
+    assert got is allowed
+
+
+def test_peers_of_a_kopf_peering_object() -> None:
+    body = {
+        "status": {
+            "a@host": {"priority": 7, "lifetime": 60, "lastseen": "2026-01-01T00:00:00+00:00"},
+            "b@host": {"priority": 3, "lifetime": 10, "lastseen": "2026-01-01T00:00:30Z"},
+        }
+    }
+    peers = sorted(peers_of(body), key=lambda p: p.priority)
+    assert peers == [
+        Peer(3, T0 + datetime.timedelta(seconds=40)),
+        Peer(7, T0 + datetime.timedelta(seconds=60)),
+    ]
+
+
+# --- the digest in the Secret record --------------------------------------------------------
+
+OWNER = {"metadata": {"name": "ci", "namespace": "team-a", "uid": "uid-1"}}
+URL = "http://zenml.example:8080"
+VALUE = "ZENKEY_fake-value-for-unit-tests"
+
+
+def _secret(key: ApiKeySpec | None = None, value: str = VALUE) -> dict[str, Any]:
+    body = sec.new_secret(
+        owner=OWNER,
+        key=key or ApiKeySpec(name="main"),
+        secret_name="ci-main",
+        zenml_url=URL,
+        key_id="kid",
+        key_value=value,
+        issued_at="2026-01-01T00:00:00Z",
+    )
+    body["metadata"]["resourceVersion"] = "7"
+    return body
+
+
+def test_the_digest_is_recorded_with_every_value_and_reveals_nothing() -> None:
+    secret = _secret()
+    digest = secret["metadata"]["annotations"][ANN_VALUE_DIGEST]
+    assert digest == value_digest(VALUE) and len(digest) == 64 and VALUE not in digest
+    assert SecretRecord.of(secret).value_digest == digest
+    assert sec.value_check(secret, "kid") is ValueCheck.HELD
+    patch = sec.value_patch(
+        secret=secret,
+        owner=OWNER,
+        key=ApiKeySpec(name="main"),
+        zenml_url=URL,
+        key_id="kid",
+        key_value="ZENKEY_new",
+        issued_at="2026-02-01T00:00:00Z",
+    )
+    rewritten = merge_patch(secret, patch)
+    assert SecretRecord.of(rewritten).value_digest == value_digest("ZENKEY_new")
+    assert sec.value_check(rewritten, "kid") is ValueCheck.HELD
+
+
+def test_a_replaced_value_fails_the_check_and_the_url_is_not_part_of_it() -> None:
+    secret = _secret()
+    replaced = merge_patch(secret, {"data": {"ZENML_STORE_API_KEY": sec.b64("ZENKEY_other")}})
+    assert sec.value_check(replaced, "kid") is ValueCheck.REPLACED
+    assert not sec.secret_holds_key(replaced, "kid")
+    # A changed URL is put back from the spec (a metadata patch), not by a new key.
+    moved = merge_patch(secret, {"data": {"ZENML_STORE_URL": sec.b64("http://elsewhere")}})
+    assert sec.value_check(moved, "kid") is ValueCheck.HELD
+    patch = sec.metadata_patch(
+        secret=moved, owner=OWNER, key=ApiKeySpec(name="main"), zenml_url=URL
+    )
+    assert patch == {"data": {"ZENML_STORE_URL": sec.b64(URL)}}
+
+
+def test_an_older_record_than_the_status_saw_is_outdated() -> None:
+    secret = _secret()
+    assert sec.value_check(secret, "kid", last_issued_at="2026-01-01T00:00:00Z").holds
+    got = sec.value_check(secret, "kid", last_issued_at="2026-03-01T00:00:00Z")
+    assert got is ValueCheck.OUTDATED
+
+
+def test_a_secret_written_before_digests_gets_one_without_a_new_value() -> None:
+    legacy = _secret()
+    del legacy["metadata"]["annotations"][ANN_VALUE_DIGEST]
+    assert sec.value_check(legacy, "kid") is ValueCheck.UNKNOWN
+    assert sec.secret_holds_key(legacy, "kid")  # the old check: key id and a value present
+    patch = sec.metadata_patch(
+        secret=legacy, owner=OWNER, key=ApiKeySpec(name="main"), zenml_url=URL
+    )
+    assert patch == {"metadata": {"annotations": {ANN_VALUE_DIGEST: value_digest(VALUE)}}}
+    upgraded = merge_patch(legacy, patch)
+    assert sec.value_check(upgraded, "kid") is ValueCheck.HELD
+    assert (
+        sec.metadata_patch(secret=upgraded, owner=OWNER, key=ApiKeySpec(name="main"), zenml_url=URL)
+        is None
+    )
+
+
+def test_a_secret_that_lost_its_owner_reference_is_claimed_back_by_its_labels() -> None:
+    key = ApiKeySpec(name="main")
+    stripped = merge_patch(_secret(key), {"metadata": {"ownerReferences": None}})
+    assert not sec.is_owned_by(stripped, "uid-1")
+    assert sec.claims_owner(stripped, owner_name="ci", key_name="main")
+    assert not sec.claims_owner(stripped, owner_name="ci", key_name="other")
+    assert not sec.claims_owner(stripped, owner_name="someone", key_name="main")
+    unlabelled = merge_patch(stripped, {"metadata": {"labels": {sec.LABEL_MANAGED_BY: None}}})
+    assert not sec.claims_owner(unlabelled, owner_name="ci", key_name="main")
+    foreign = merge_patch(
+        stripped,
+        {
+            "metadata": {
+                "ownerReferences": [{"kind": "X", "name": "x", "uid": "u", "controller": True}]
+            }
+        },
+    )
+    assert not sec.claims_owner(foreign, owner_name="ci", key_name="main")
+
+    assert sec.repairs_in(secret=unlabelled, owner=OWNER, key=key) == [
+        "its owner reference",
+        f"label {sec.LABEL_MANAGED_BY}",
+    ]
+    patch = sec.metadata_patch(secret=unlabelled, owner=OWNER, key=key, zenml_url=URL)
+    restored = merge_patch(unlabelled, patch)
+    assert sec.is_owned_by(restored, "uid-1")
+    assert restored["metadata"]["labels"][sec.LABEL_MANAGED_BY] == "zenml-operator"
+    assert sec.metadata_patch(secret=restored, owner=OWNER, key=key, zenml_url=URL) is None
+
+
+# --- the watch -------------------------------------------------------------------------------
+
+
+def test_owner_of() -> None:
+    secret = _secret()
+    assert owner_of(secret) == ("ci", "uid-1")
+    stripped = merge_patch(secret, {"metadata": {"ownerReferences": None}})
+    assert owner_of(stripped) == ("ci", None)  # the label still names it
+    assert owner_of({"metadata": {"labels": {sec.LABEL_MANAGED_BY: "zenml-operator"}}}) is None
+
+
+def _managed(name: str, owner: str = "ci") -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": name,
+            "labels": {sec.LABEL_MANAGED_BY: "zenml-operator", sec.LABEL_ACCOUNT: owner},
+        },
+        "data": {"k": base64.b64encode(b"v").decode()},
+    }
+
+
+async def test_the_watch_reports_changes_of_managed_secrets_only(cluster: Cluster) -> None:
+    kube = KubeClient(kopf.ConnectionInfo(server=cluster.url))
+    seen: list[SecretChange] = []
+    watch = SecretWatch(kube, ["team-a"], seen.append)
+    path = "/api/v1/namespaces/team-a/secrets"
+    await cluster.create(path, _managed("before"))  # in the first list: not reported
+    watch.start()
+    try:
+        await asyncio.wait_for(watch.listed.wait(), timeout=5)
+        await cluster.create(path, {"metadata": {"name": "unmanaged"}, "data": {}})
+        own = await kube.create_secret("team-a", _managed("mine"))
+        await cluster.patch(
+            f"{path}/before", {"metadata": {"labels": {sec.LABEL_MANAGED_BY: None}}}
+        )
+        await cluster.delete(f"{path}/mine")
+
+        def kinds() -> list[tuple[str, str]]:
+            return [(c.type, c.name) for c in seen]
+
+        await cluster.wait_for(lambda: len(seen) >= 3, message="three changes")
+        assert kinds() == [("ADDED", "mine"), ("DELETED", "before"), ("DELETED", "mine")]
+        added = seen[0]
+        assert kube.is_own_change(
+            added.type, added.namespace, added.name, version=added.version, uid=added.uid
+        )
+        assert added.version == own["metadata"]["resourceVersion"]
+        assert all(c.owner == "ci" and c.owner_uid is None for c in seen)
+        assert not kube.is_own_change(  # deleted by someone else
+            "DELETED", "team-a", "mine", version=seen[2].version, uid=seen[2].uid
+        )
+        assert watch.seen_version("team-a", "mine") is None
+    finally:
+        await watch.stop()
+        await kube.aclose()
+
+
+async def test_a_compacted_history_is_gone_and_a_relist_reports_what_changed() -> None:
+    emulator = ClusterEmulator(history_limit=3)
+    declare_resources(emulator)
+    emulator.create_object("v1/namespaces", {"metadata": {"name": "ns"}})
+    for name in ("a", "b"):
+        emulator.create_object("v1/secrets", _managed(name), namespace="ns")
+    async with running_emulator(emulator) as url:
+        kube = KubeClient(kopf.ConnectionInfo(server=url))
+        seen: list[SecretChange] = []
+        watch = SecretWatch(kube, ["ns"], seen.append)
+        try:
+            watch.start()
+            await asyncio.wait_for(watch.listed.wait(), timeout=5)
+            version = watch.seen_version("ns", "b")
+            await watch.stop()  # away while the history is compacted
+            emulator.delete_object("v1/secrets", "ns", "a")
+            emulator.create_object("v1/secrets", _managed("c"), namespace="ns")
+            for n in range(4):  # more changes than the emulator's history keeps
+                emulator.create_object(
+                    "v1/secrets", {"metadata": {"name": f"x{n}"}}, namespace="ns"
+                )
+            with pytest.raises(KubeGone):  # what a watch from before answers
+                async for _ in kube.watch_secrets(
+                    "ns", label_selector=SELECTOR, resource_version=str(version), timeout_seconds=1
+                ):
+                    pass
+            # A 410 makes the watch list again (as a restart does): what changed meanwhile
+            # is reported, against the resourceVersions it kept.
+            watch.start()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while len(seen) < 2 and loop.time() < deadline:
+                await asyncio.sleep(0.02)  # polling the reported changes, with a deadline
+            assert sorted((c.type, c.name) for c in seen) == [("DELETED", "a"), ("MODIFIED", "c")]
+            assert not emulator.errors
+        finally:
+            await watch.stop()
+            await kube.aclose()
