@@ -78,8 +78,10 @@ OPERATOR_RULES: dict[tuple[str, str], set[str]] = {
     ("zenml.io", "serviceaccounts/finalizers"): {"update"},
     # kube.KubeClient.get_secret / create_secret / patch_secret / delete_secret
     # (handlers/service_account.py: ensure_key, write_value, remove_key, finalize).
-    # Deliberately no list/watch: the operator never enumerates Secrets.
-    ("", "secrets"): {"get", "create", "patch", "delete"},
+    # list/watch: kube.KubeClient.list_secrets / watch_secrets (secret_watch.SecretWatch,
+    # label selector app.kubernetes.io/managed-by=zenml-operator, filtered by the server):
+    # a managed Secret deleted or changed is repaired within seconds (repairs.py).
+    ("", "secrets"): {"get", "list", "watch", "create", "patch", "delete"},
     # kopf.event() (main.reconcile_service_account, main._post_event) and Kopf's posting of
     # its own log lines (settings.posting.level): POST core v1 Events.
     ("", "events"): {"create"},

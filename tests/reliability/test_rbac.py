@@ -19,11 +19,14 @@ import platform
 from pathlib import Path
 from typing import Any
 
+import kopf
 import pytest
 import yaml
 
 from reliability.helpers import NS, deployment_body, unique
 from zenml_operator import zenml_api as zc
+from zenml_operator.config import OperatorConfig
+from zenml_operator.main import build_registry
 
 try:
     import helm_python as helm
@@ -134,10 +137,26 @@ def observed(requests: list[Any]) -> tuple[set[tuple[str | None, Rule]], list[st
 
 @needs_helm
 async def test_every_request_is_granted_and_every_grant_is_used(
-    cluster, start_operator, zenml_client, operator_login_cached, capsys
+    cluster,
+    kopf_operator,
+    zenml_server,
+    operator_api_key,
+    zenml_client,
+    operator_login_cached,
+    capsys,
 ) -> None:
     emulator = cluster.emulator
-    await start_operator(retry_delay=0.3)
+    # As `zenml-operator run -n default -n team-a` runs it: the Secret watch follows the
+    # watched namespaces (a Role grants list/watch there only, in namespaced mode).
+    config = OperatorConfig(
+        zenml_url=zenml_server.url,
+        zenml_api_key=lambda: operator_api_key,
+        kube_api_url=cluster.url,
+        retry_delay=0.3,
+        zenml_retries=1,
+        namespaces=tuple(WATCHED),
+    )
+    await kopf_operator(build_registry(config), login=False, memo=kopf.Memo(), namespaces=WATCHED)
     name = unique("rbac")
     sa = "zenml.io/v1alpha1/serviceaccounts"
     rot = "zenml.io/v1alpha1/apikeyrotations"

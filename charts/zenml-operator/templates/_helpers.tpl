@@ -90,10 +90,12 @@ holds the same table and fails when either side changes alone.
   resources: ["serviceaccounts/finalizers"]
   verbs: ["update"]
 # kube.KubeClient.{get,create,patch,delete}_secret: the Secrets holding the issued keys.
-# No list/watch: the operator only touches Secrets it names.
+# list/watch: secret_watch.SecretWatch follows the operator's own Secrets, filtered by the
+# API server on the label app.kubernetes.io/managed-by=zenml-operator, to repair one within
+# seconds (repairs.py); in the watched namespaces only when the scope is namespaced.
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["get", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 # kopf.event() and Kopf's own log posting (settings.posting): core v1 Events.
 - apiGroups: [""]
   resources: ["events"]
