@@ -33,6 +33,10 @@ class OperatorConfig:
     # Reconciles (ServiceAccount runs, rotation looks) in progress at once; the rest wait
     # their turn. Bounds the memory of a start-up over thousands of objects.
     max_concurrent_reconciles: int = 64
+    # ZenML requests per second at most for background work: resyncs, the resume of
+    # converged objects after a restart, idle rotation looks (0: not paced). New and
+    # changed objects never wait for it. See README "Settings" for the default's reasoning.
+    background_rate: float = 20.0
     # Only for the demo and tests: talk to this Kubernetes API URL with no credentials.
     kube_api_url: str | None = None
     # Seconds the operator waits before retrying after a failed reconcile (Kopf backoff).
@@ -120,5 +124,6 @@ def config_from_env(namespaces: tuple[str, ...] = ()) -> OperatorConfig:
         zenml_max_connections=int(_env_float("ZENML_OPERATOR_ZENML_MAX_CONNECTIONS", 50)),
         zenml_heavy_concurrency=int(_env_float("ZENML_OPERATOR_ZENML_HEAVY_CONCURRENCY", 8)),
         max_concurrent_reconciles=int(_env_float("ZENML_OPERATOR_MAX_CONCURRENT_RECONCILES", 64)),
+        background_rate=_env_float("ZENML_OPERATOR_BACKGROUND_RATE", 20.0),
         retry_delay=_env_float("ZENML_OPERATOR_RETRY_DELAY", 15.0),
     )

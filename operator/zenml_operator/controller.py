@@ -3,6 +3,12 @@
 One `Controller` per operator: it owns the reconcile slots and builds the runner from the
 clients start-up opened. ServiceAccounts are reconciled on create/update/resume and by a
 resync timer; ApiKeyRotations by one sleeping daemon each, woken by raw watch events.
+
+Two lanes (policies.plan_reconcile, policies.rotation_look_in_background): checks of known
+state (a resync, the resume of a converged object, an idle rotation look) are background
+work: their ZenML requests are paced at the background rate and they take background slots
+(ServiceAccount checks are queued to background workers, see background.py). New and
+changed objects and due rotations take the reconcile slots and are never paced.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from typing import Any
 import kopf
 
 from zenml_operator import lifecycle
+from zenml_operator import policies as pol
+from zenml_operator.background import BackgroundChecks
 from zenml_operator.config import OperatorConfig
 from zenml_operator.handlers import deletion
 from zenml_operator.handlers import rotation as rot
@@ -22,14 +30,19 @@ from zenml_operator.handlers import service_account as sa
 from zenml_operator.handlers.common import Deps, Outcome, classify
 from zenml_operator.metrics import Metrics
 from zenml_operator.models import API_VERSION, ROTATE_ANNOTATION
-from zenml_operator.runner import Kind, Runner, reason_of
+from zenml_operator.runner import Kind, Runner, ready_of, reason_of
 from zenml_operator.scheduling import next_look_in, sleep_until
-from zenml_operator.timestamps import utcnow
+from zenml_operator.timestamps import parse_time, utcnow
+from zenml_operator.zenml_api.pacing import background_lane
 
 SERVICE_ACCOUNTS = Kind(
     plural=sa.PLURAL, metric_name="serviceaccount", crash_after_status="sa.after-status"
 )
 ROTATIONS = Kind(plural=rot.PLURAL, metric_name="apikeyrotation")
+# Background work in progress at once: ServiceAccount checks (workers) and rotation looks
+# (slots), each. Their ZenML requests share one rate, so at the default 20/s a check waits
+# at most ~0.4 s for its token, which also bounds how long it holds its object's lock.
+BACKGROUND_CONCURRENCY = 8
 
 
 class Controller:
@@ -37,6 +50,8 @@ class Controller:
         self.config = config
         self.metrics = metrics
         self.slots = asyncio.Semaphore(max(1, config.max_concurrent_reconciles))
+        # Background work never takes one of the slots above: it has these.
+        self.background_slots = asyncio.Semaphore(BACKGROUND_CONCURRENCY)
 
     def runner(self, memo: Any) -> Runner:
         if getattr(memo, "runner", None) is None:
@@ -49,29 +64,76 @@ class Controller:
         runner: Runner = memo.runner
         return runner
 
+    def background(self, memo: Any) -> BackgroundChecks:
+        """The background ServiceAccount checks of this operator run (started lazily)."""
+        if getattr(memo, "background", None) is None:
+            memo.background = BackgroundChecks(
+                workers=BACKGROUND_CONCURRENCY, retry_delay=self.config.retry_delay
+            )
+        checks: BackgroundChecks = memo.background
+        return checks
+
+    async def aclose(self, memo: Any) -> None:
+        checks = getattr(memo, "background", None)
+        if checks is not None:
+            await checks.aclose()
+
     # --- ServiceAccount ------------------------------------------------------------------
 
     async def reconcile_service_account(
-        self, body: kopf.Body, memo: Any, *, resync: bool = False
+        self, body: kopf.Body, memo: Any, *, trigger: pol.Trigger
     ) -> None:
+        meta, status = body.metadata, body.get("status") or {}
+        path = pol.plan_reconcile(
+            trigger=trigger,
+            generation=meta.get("generation"),
+            observed_generation=status.get("observedGeneration"),
+            ready=ready_of(status)[0],
+        )
+        namespace, name, uid = meta.namespace, meta.name, meta.uid
+        if path.background:
+            # Queued, not awaited: Kopf would hold this object's next change behind it.
+            async def check() -> bool:
+                outcome = await self._run_service_account(
+                    memo, namespace, name, uid, one_read=True, slots=self.background_slots
+                )
+                return outcome is not None and outcome.problem is not None and outcome.problem.retry
+
+            self.background(memo).submit(uid, check)
+            return
+        outcome = await self._run_service_account(
+            memo, namespace, name, uid, one_read=path.one_read
+        )
+        if outcome is not None and outcome.problem is not None and outcome.problem.retry:
+            raise kopf.TemporaryError(outcome.problem.message, delay=self.config.retry_delay)
+
+    async def _run_service_account(
+        self,
+        memo: Any,
+        namespace: str,
+        name: str,
+        uid: str,
+        *,
+        one_read: bool,
+        slots: asyncio.Semaphore | None = None,
+    ) -> Outcome | None:
         runner = self.runner(memo)
-        meta = body.metadata
 
         async def reconcile(fresh: dict[str, Any]) -> Outcome:
-            return await sa.ServiceAccountReconciler(fresh, runner.deps).run(resync=resync)
+            return await sa.ServiceAccountReconciler(fresh, runner.deps).run(one_read=one_read)
 
         outcome = await runner.run(
             SERVICE_ACCOUNTS,
-            meta.namespace,
-            meta.name,
-            meta.uid,
+            namespace,
+            name,
+            uid,
             reconcile,
             observe=self._observe_service_account,
+            slots=slots,
         )
         if outcome is None:
-            self.metrics.forget_service_account(meta.namespace, meta.name)
-        elif outcome.problem is not None and outcome.problem.retry:
-            raise kopf.TemporaryError(outcome.problem.message, delay=self.config.retry_delay)
+            self.metrics.forget_service_account(namespace, name)
+        return outcome
 
     def _observe_service_account(
         self, obj: Mapping[str, Any], before: Mapping[str, Any], after: Mapping[str, Any]
@@ -103,7 +165,9 @@ class Controller:
 
     # --- ApiKeyRotation ------------------------------------------------------------------
 
-    async def look_at_rotation(self, body: kopf.Body, memo: Any) -> float:
+    async def look_at_rotation(
+        self, body: kopf.Body, memo: Any, *, background: bool = False
+    ) -> float:
         """One look at a rotation; returns the seconds until it needs the next one."""
         runner = self.runner(memo)
         meta = body.metadata
@@ -111,14 +175,22 @@ class Controller:
         async def reconcile(fresh: dict[str, Any]) -> Outcome:
             return await rot.RotationReconciler(fresh, runner.deps).run()
 
-        outcome = await runner.run(
-            ROTATIONS,
-            meta.namespace,
-            meta.name,
-            meta.uid,
-            reconcile,
-            observe=self._observe_rotation,
-        )
+        async def look() -> Outcome | None:
+            return await runner.run(
+                ROTATIONS,
+                meta.namespace,
+                meta.name,
+                meta.uid,
+                reconcile,
+                observe=self._observe_rotation,
+                slots=self.background_slots if background else None,
+            )
+
+        if background:
+            with background_lane():
+                outcome = await look()
+        else:
+            outcome = await look()
         if outcome is None:
             self.metrics.forget_rotation(meta.namespace, meta.name)
         return next_look_in(
@@ -160,9 +232,18 @@ class Controller:
         deps = lifecycle.deps_of(memo)
         deps.rotation_claims = lambda ns, account, key: list(claims.get((ns, account, key), ()))
         wakeup = deps.wakeup_for(body.metadata.uid)
+        woken = False  # the first look (an operator start): by the status, as the later ones
         while not stopped:
+            status = body.get("status") or {}
+            background = pol.rotation_look_in_background(
+                woken_by_change=woken,
+                now=utcnow(),
+                next_rotation=parse_time(status.get("nextRotationTime")),
+                request=(body.metadata.annotations.get(ROTATE_ANNOTATION) or "").strip(),
+                answered_request=status.get("lastRotateRequest") or "",
+            )
             try:
-                delay = await self.look_at_rotation(body, memo)
+                delay = await self.look_at_rotation(body, memo, background=background)
             except Exception as exc:  # a bug or an unexpected API answer: log and go on
                 problem = classify(exc)
                 if problem is None:
@@ -170,7 +251,7 @@ class Controller:
                 else:
                     logger.warning(f"{problem.reason}: {problem.message}")
                 delay = self.config.retry_delay
-            await sleep_until(stopped, wakeup, delay)
+            woken = await sleep_until(stopped, wakeup, delay)
         deps.forget(body.metadata.uid)
         # The daemon stops when the object goes (or the operator stops): drop its series.
         self.metrics.forget_rotation(body.metadata.namespace, body.metadata.name)

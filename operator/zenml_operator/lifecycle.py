@@ -60,6 +60,7 @@ async def start(
         max_connections=config.zenml_max_connections,
         heavy_concurrency=config.zenml_heavy_concurrency,
         observer=metrics.observe_zenml_request,
+        background_rate=config.background_rate,
     )
 
     async def check_login() -> str:

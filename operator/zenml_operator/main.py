@@ -21,8 +21,10 @@ from zenml_operator.handlers import rotation as rot
 from zenml_operator.handlers import service_account as sa
 from zenml_operator.metrics import Metrics
 from zenml_operator.models import GROUP, VERSION
+from zenml_operator.policies import Trigger
 
 FINALIZER = lifecycle.FINALIZER
+TRIGGERS = {t.value for t in Trigger}
 
 
 def build_registry(
@@ -49,10 +51,14 @@ def build_registry(
     @kopf.on.cleanup(registry=registry)
     async def cleanup(memo: Any, **_: Any) -> None:
         await repairs.stop(memo)
+        await controller.aclose(memo)
         await lifecycle.cleanup(memo, metrics)
 
-    async def reconcile(body: kopf.Body, memo: Any, **_: Any) -> None:
-        await controller.reconcile_service_account(body, memo)
+    # `reason` says create, update or resume (an operator start): a resume of a converged
+    # object is a background check (see controller.py), the others are not.
+    async def reconcile(body: kopf.Body, memo: Any, reason: kopf.Reason, **_: Any) -> None:
+        trigger = Trigger(reason.value) if reason.value in TRIGGERS else Trigger.UPDATE
+        await controller.reconcile_service_account(body, memo, trigger=trigger)
 
     for decorator in (kopf.on.create, kopf.on.update, kopf.on.resume):
         decorator(*sa_resource, registry=registry, id="reconcile")(reconcile)
@@ -68,7 +74,7 @@ def build_registry(
         initial_delay=lambda **_: random.uniform(0.5, 1.0) * config.resync_seconds,
     )
     async def resync(body: kopf.Body, memo: Any, **_: Any) -> None:
-        await controller.reconcile_service_account(body, memo, resync=True)
+        await controller.reconcile_service_account(body, memo, trigger=Trigger.RESYNC)
 
     @kopf.on.delete(*sa_resource, registry=registry, id="finalize")
     async def finalize(body: kopf.Body, memo: Any, **_: Any) -> None:

@@ -181,3 +181,56 @@ def plan_rotation(
 def restart_owed(*, rotation_count: int, restarted_for: str | None, current_key_id: str) -> bool:
     """Targets are restarted once per key that a rotation put in the Secret."""
     return rotation_count > 0 and restarted_for != current_key_id
+
+
+class Trigger(enum.Enum):
+    """Why a ServiceAccount is reconciled."""
+
+    CREATE = "create"  # first seen (Kopf on.create)
+    UPDATE = "update"  # its spec or metadata changed (Kopf on.update)
+    RESUME = "resume"  # seen again at an operator start (Kopf on.resume)
+    RESYNC = "resync"  # the periodic drift check (Kopf timer)
+
+
+@dataclass(frozen=True)
+class ReconcilePath:
+    background: bool  # paced (ZENML_OPERATOR_BACKGROUND_RATE) and run by the background workers
+    one_read: bool  # may take the one-read path (the key list names the account)
+
+
+def plan_reconcile(
+    *, trigger: Trigger, generation: int | None, observed_generation: int | None, ready: bool
+) -> ReconcilePath:
+    """Which path a ServiceAccount reconcile takes.
+
+    A resync, and the resume of a resource the last run converged (status.observedGeneration
+    is the current generation and Ready is True), are checks of known state: background,
+    one ZenML read. Everything else has work to do and is never queued behind them: a new
+    resource, a spec change (while the operator ran or while it was down: Kopf then calls it
+    an update), a resume of a resource whose last run failed."""
+    converged = ready and observed_generation is not None and observed_generation == generation
+    if trigger is Trigger.RESYNC or (trigger is Trigger.RESUME and converged):
+        return ReconcilePath(background=True, one_read=True)
+    return ReconcilePath(background=False, one_read=False)
+
+
+def rotation_look_in_background(
+    *,
+    woken_by_change: bool,
+    now: datetime.datetime,
+    next_rotation: datetime.datetime | None,
+    request: str,
+    answered_request: str,
+) -> bool:
+    """Whether a rotation daemon's look is background work, from what its last status says.
+
+    A look woken by a change of the object, a rotation due by the recorded schedule, or an
+    on-demand request not answered yet, is not. The first look after an operator start and
+    the periodic ones are (a retention end included: deleting an expired key can wait its
+    turn). A look that finds a rotation due anyway leaves the lane (pacing.promote)."""
+    if woken_by_change:
+        return False
+    due = next_rotation is None or rotation_due(
+        now=now, next_due=next_rotation, request=request, answered_request=answered_request
+    )
+    return not due

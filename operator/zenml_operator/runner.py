@@ -86,13 +86,17 @@ class Runner:
         reconcile: Reconcile,
         *,
         observe: Observe | None = None,
+        slots: asyncio.Semaphore | None = None,
     ) -> Outcome | None:
         """One reconcile of one object; None when it is gone or being deleted.
+
+        `slots`: the concurrency slots to take instead of the runner's own (background work
+        has its own few, so that it never holds a slot a new or changed object needs).
 
         A Kubernetes error on the read or on the status write comes back as an Outcome with
         a retryable KubernetesError problem (the status could not say so itself).
         """
-        async with self.slots:
+        async with slots if slots is not None else self.slots:
             with self.metrics.track(kind.metric_name, reason_of=reason_of) as tracked:
                 async with self.deps.lock_for(uid):
                     try:

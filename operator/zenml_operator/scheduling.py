@@ -33,8 +33,9 @@ def next_look_in(
     return min(max(seconds, MIN_DELAY), resync_seconds)
 
 
-async def sleep_until(stopped: kopf.DaemonStopped, wakeup: asyncio.Event, seconds: float) -> None:
-    """Sleep `seconds`, or less if the daemon is stopped or woken up."""
+async def sleep_until(stopped: kopf.DaemonStopped, wakeup: asyncio.Event, seconds: float) -> bool:
+    """Sleep `seconds`, or less if the daemon is stopped or woken up; True when woken up (the
+    object changed)."""
     waiters = {
         asyncio.ensure_future(stopped.wait()),  # type: ignore[arg-type]
         asyncio.ensure_future(wakeup.wait()),
@@ -44,4 +45,6 @@ async def sleep_until(stopped: kopf.DaemonStopped, wakeup: asyncio.Event, second
     finally:
         for waiter in waiters:
             waiter.cancel()
+    woken = wakeup.is_set()
     wakeup.clear()
+    return woken

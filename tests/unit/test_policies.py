@@ -10,10 +10,13 @@ from zenml_operator.policies import (
     AccountVerdict,
     KeyAction,
     RotationAction,
+    Trigger,
     judge_account,
     plan_key,
+    plan_reconcile,
     plan_rotation,
     restart_owed,
+    rotation_look_in_background,
 )
 
 # secret_exists, secret_owned, key_exists, secret_holds_key -> action
@@ -130,3 +133,74 @@ def test_restart_owed(count: int, restarted_for: str | None, owed: bool) -> None
     assert (
         restart_owed(rotation_count=count, restarted_for=restarted_for, current_key_id="k2") is owed
     )
+
+
+# trigger, observedGeneration (generation is 3), Ready -> (background, one read)
+PATH_CASES = [
+    (Trigger.CREATE, None, False, (False, False)),  # new: the full path, never queued
+    (Trigger.UPDATE, 2, True, (False, False)),  # spec changed: the full path
+    (Trigger.UPDATE, 3, True, (False, False)),  # metadata change: still a change
+    (Trigger.RESUME, 3, True, (True, True)),  # restart over a converged object: one read
+    (Trigger.RESUME, 2, True, (False, False)),  # changed while the operator was down
+    (Trigger.RESUME, 3, False, (False, False)),  # its last run failed: work to do
+    (Trigger.RESUME, None, False, (False, False)),  # never reconciled
+    (Trigger.RESYNC, 3, True, (True, True)),  # the periodic check
+    (Trigger.RESYNC, 2, False, (True, True)),  # one_read falls back by itself (light_look)
+]
+
+
+@pytest.mark.parametrize(
+    ("trigger", "observed", "ready", "expected"),
+    PATH_CASES,
+    ids=[
+        "create",
+        "update",
+        "update-metadata",
+        "resume-converged",
+        "resume-changed",
+        "resume-failed",
+        "resume-new",
+        "resync",
+        "resync-unconverged",
+    ],
+)
+def test_plan_reconcile(
+    trigger: Trigger, observed: int | None, ready: bool, expected: tuple[bool, bool]
+) -> None:
+    path = plan_reconcile(trigger=trigger, generation=3, observed_generation=observed, ready=ready)
+    assert (path.background, path.one_read) == expected
+
+
+NOW = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+LATER = NOW + datetime.timedelta(hours=1)
+EARLIER = NOW - datetime.timedelta(seconds=1)
+
+
+@pytest.mark.parametrize(
+    ("woken", "next_rotation", "asked", "answered", "background"),
+    [
+        (False, LATER, "", "", True),  # first look after a start / periodic: nothing due
+        (False, LATER, "r1", "r1", True),  # the request was answered already
+        (True, LATER, "", "", False),  # woken by a change of the object
+        (False, EARLIER, "", "", False),  # due by the schedule
+        (False, NOW, "", "", False),  # due right now
+        (False, LATER, "r2", "r1", False),  # an on-demand request not answered yet
+        (False, None, "", "", False),  # no status yet: a new rotation
+    ],
+    ids=["idle", "answered", "changed", "overdue", "due-now", "on-demand", "new"],
+)
+def test_rotation_look_in_background(
+    woken: bool,
+    next_rotation: datetime.datetime | None,
+    asked: str,
+    answered: str,
+    background: bool,
+) -> None:
+    got = rotation_look_in_background(
+        woken_by_change=woken,
+        now=NOW,
+        next_rotation=next_rotation,
+        request=asked,
+        answered_request=answered,
+    )
+    assert got is background

@@ -190,12 +190,13 @@ class AccountSteps:
     async def light_look(
         self, spec: ServiceAccountSpec
     ) -> tuple[zc.ServiceAccountInfo, list[zc.ApiKeyInfo]] | None:
-        """A resync of a converged resource in ONE ZenML read: the key list, whose items
-        nest the owning account (id, name, active). None when that cannot tell: spec
-        changed since the last run, no account yet, or no key to carry the account.
+        """A check of a converged resource (a resync, or the resume at an operator start) in
+        ONE ZenML read: the key list, whose items nest the owning account (id, name,
+        active). None when that cannot tell: spec changed since the last run, no account
+        yet, or no key to carry the account.
 
         The nested account has no description, so a description edited by hand in ZenML
-        is put back on the next spec change or operator start, not within a resync.
+        is put back on the next spec change, not by a resync or a restart.
         """
         known_id = self.status.get("accountId")
         account_name = spec.account_name_for(self.name)

@@ -50,6 +50,7 @@ from zenml_operator.models import (
 )
 from zenml_operator.secret_record import Retention, SecretRecord, rotation_annotations
 from zenml_operator.timestamps import iso, parse_duration, utcnow
+from zenml_operator.zenml_api import pacing
 
 PLURAL = "apikeyrotations"
 
@@ -218,6 +219,8 @@ class RotationReconciler:
             request=self.request,
             answered_request=handled_request,
         )
+        if due:
+            pacing.promote()  # a look that started as background work: this one cannot wait
 
         members: list[zc.ApiKeyInfo] | None = None  # None: the family was not read
         if self._trust_record(record, now):

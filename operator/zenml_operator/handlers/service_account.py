@@ -111,10 +111,10 @@ class ServiceAccountReconciler(AccountSteps):
     each declared key and its Secret."""
 
     async def load(
-        self, spec: ServiceAccountSpec, *, resync: bool
+        self, spec: ServiceAccountSpec, *, one_read: bool
     ) -> tuple[zc.ServiceAccountInfo, list[zc.ApiKeyInfo]]:
         """The owned account (created or updated as the spec says) and all of its keys."""
-        if resync and (looked := await self.light_look(spec)) is not None:
+        if one_read and (looked := await self.light_look(spec)) is not None:
             return looked
         account = await self.ensure_account(spec)
         if self.created_account or not (spec.api_keys or self.status.get("apiKeys")):
@@ -342,10 +342,12 @@ class ServiceAccountReconciler(AccountSteps):
 
     # --- the whole run ----------------------------------------------------------------
 
-    async def run(self, *, resync: bool = False) -> Outcome:
+    async def run(self, *, one_read: bool = False) -> Outcome:
         """Converge; the Outcome's status is the desired one (the runner writes the diff).
 
-        `resync`: a periodic drift check (may take the one-read path, see light_look).
+        `one_read`: a check of a converged resource (a resync, or a resume at the generation
+        the last run converged; policies.plan_reconcile) may take the one-read path, see
+        light_look.
         """
         status: dict[str, Any] = {k: v for k, v in self.status.items() if k not in ("kopf",)}
         status["observedGeneration"] = self.generation
@@ -353,7 +355,7 @@ class ServiceAccountReconciler(AccountSteps):
         try:
             spec = parse_spec(self.body)
             check_spec(spec, self.name)
-            account, all_keys = await self.load(spec, resync=resync)
+            account, all_keys = await self.load(spec, one_read=one_read)
             status.update(accountId=account.id, accountName=account.name, active=account.active)
             status.pop("createRequestedAt", None)
             self.status.pop("createRequestedAt", None)

@@ -4,8 +4,8 @@ The operator never imports `zenml`: it speaks REST with httpx. One module per jo
 `client` (the endpoints), `connection` (cookie-less HTTP, login, retries, queues, the
 request observer), `errors` (what a failed call raises, with a safe message), `models`
 (the accounts and keys returned), `routes` (paths and their metric-label templates),
-`secrecy` (key values masked, secrets redacted from text). The names below are what the
-rest of the operator uses.
+`secrecy` (key values masked, secrets redacted from text), `pacing` (the background lane
+and its rate limit). The names below are what the rest of the operator uses.
 """
 
 from zenml_operator.zenml_api.client import ZenMLClient

@@ -34,6 +34,8 @@ class ZenMLClient:
     `api_key` may be a callable, re-read on every login. With `username`, the secret is
     that user's password instead (ZenML OSS only lets admin *users* manage service
     accounts; see notes/zenml_facts.md). `observer` is called once per HTTP attempt.
+    `background_rate`: requests per second at most for calls made inside
+    `pacing.background_lane()` (None: not paced).
     """
 
     page_size: int = 100
@@ -51,6 +53,7 @@ class ZenMLClient:
         username: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         observer: RequestObserver | None = None,
+        background_rate: float | None = None,
     ) -> None:
         self._connection = ZenMLConnection(
             url,
@@ -63,6 +66,7 @@ class ZenMLClient:
             username=username,
             transport=transport,
             observer=observer,
+            background_rate=background_rate,
         )
 
     @property

@@ -8,6 +8,8 @@ renewal, bounded retries, request queues, and a hook that observes every attempt
   is quadratic in the number of waiters), and with no pool timeout: a burst queues instead
   of timing out and being retried.
 - A create or a rotation is retried only when the request surely never left this process.
+- Background work (see `pacing`) is paced: each of its attempts first takes a token of a
+  bucket filled at the background rate; other requests never wait for it.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from zenml_operator.zenml_api.errors import (
     detail_text,
     error_for,
 )
+from zenml_operator.zenml_api.pacing import RateLimiter, pace
 from zenml_operator.zenml_api.routes import API_PREFIX, route_template
 
 # Errors raised before a single byte of the request reached the server: retrying them
@@ -92,9 +95,13 @@ class ZenMLConnection:
         username: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         observer: RequestObserver | None = None,
+        background_rate: float | None = None,
     ) -> None:
         self._url = url.rstrip("/")
         self._observer = observer
+        # Requests made from `pacing.background_lane()` wait for a token of this bucket
+        # (None or <= 0: background work is not paced). Other requests never wait for it.
+        self._pacer = RateLimiter(background_rate) if (background_rate or 0) > 0 else None
         self._secret = secret
         self._username = username
         self._max_retries = max(0, max_retries)
@@ -187,6 +194,7 @@ class ZenMLConnection:
         attempts = self._max_retries + 1
         for attempt in range(attempts):
             last = attempt == attempts - 1
+            await pace(self._pacer)  # background work only; every attempt takes a token
             started = time.monotonic()
             try:
                 # Heavy slot first: a request waiting for one holds no in-flight slot.
