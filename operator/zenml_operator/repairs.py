@@ -56,6 +56,7 @@ class SecretRepairs:
         metrics: Metrics,
         peering: Any = None,  # kopf.OperatorSettings.peering; None: no peering
         reporting_component: str = "kopf",
+        reporting_instance: str = "kopf",
         retry_delay: float = 15.0,
         settle: float = 0.25,
         concurrency: int = 8,
@@ -63,7 +64,9 @@ class SecretRepairs:
         # Kopf's kopf.event() works only inside its handlers' tasks: these runs post their
         # Events themselves (same shape, same component). Locks, wake-ups and clients are
         # the handlers' own (a copy of Deps shares them).
-        self.events = EventPoster(deps.kube, component=reporting_component)
+        self.events = EventPoster(
+            deps.kube, component=reporting_component, instance=reporting_instance
+        )
         self.deps = dataclasses.replace(deps, events=self.events)
         self.metrics = metrics
         self.peering = peering
@@ -218,9 +221,10 @@ class SecretRepairs:
 class EventPoster:
     """Posts core v1 Events as Kopf does (fire and forget; a failure is only logged)."""
 
-    def __init__(self, kube: Any, *, component: str) -> None:
+    def __init__(self, kube: Any, *, component: str, instance: str) -> None:
         self.kube = kube
         self.component = component
+        self.instance = instance
         self._tasks: set[asyncio.Task[None]] = set()
 
     def __call__(self, body: Mapping[str, Any], *, type: str, reason: str, message: str) -> None:
@@ -231,7 +235,9 @@ class EventPoster:
             "type": type,
             "reason": reason,
             "message": message[:1024],
+            "action": "Repair",
             "reportingComponent": self.component,
+            "reportingInstance": self.instance,
             "source": {"component": self.component},
             "involvedObject": {
                 "apiVersion": body.get("apiVersion"),
@@ -292,6 +298,7 @@ def start(memo: Any, config: OperatorConfig, metrics: Metrics, settings: Any) ->
             metrics=metrics,
             peering=settings.peering,
             reporting_component=settings.posting.reporting_component,
+            reporting_instance=settings.posting.reporting_instance,
             retry_delay=config.retry_delay,
         )
         memo.secret_watch = watch = SecretWatch(deps.kube, scopes, found.secret_changed)
