@@ -9,8 +9,10 @@ ServiceAccount:
   the uid it deleted): a converged operator writes nothing, so its writes cause no further
   reconcile, and even a missed echo only costs one reconcile that writes nothing;
 - runs the ordinary ServiceAccount reconcile through the one runner (the same per-object
-  lock, fresh read and single status write as Kopf's handlers), on slots of its own so that
-  a repair never waits behind a burst of creates for a reconcile slot;
+  lock, fresh read and single status write as Kopf's handlers), on slots of its own and with
+  a small ZenML client of its own, so that a repair never waits behind a burst of creates
+  for a reconcile slot or for one of the few key-create slots (the ZenML server's CPU is
+  still shared: a re-issue is one bcrypt among those of the creates);
 - then wakes the rotations of that ServiceAccount, whose next look reads the repaired
   Secret (a re-issue moves its schedule; a rotation waiting for a missing Secret goes on);
 - retries after the retry delay while the problem may heal itself (ZenML away).
@@ -27,11 +29,13 @@ import contextlib
 import dataclasses
 import datetime
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
 from zenml_operator import lifecycle
 from zenml_operator import policies as pol
+from zenml_operator import zenml_api as zc
 from zenml_operator.config import OperatorConfig
 from zenml_operator.controller import SERVICE_ACCOUNTS
 from zenml_operator.handlers import service_account as sa
@@ -60,6 +64,7 @@ class SecretRepairs:
         retry_delay: float = 15.0,
         settle: float = 0.25,
         concurrency: int = 8,
+        zenml: zc.ZenMLClient | None = None,
     ) -> None:
         # Kopf's kopf.event() works only inside its handlers' tasks: these runs post their
         # Events themselves (same shape, same component). Locks, wake-ups and clients are
@@ -67,7 +72,10 @@ class SecretRepairs:
         self.events = EventPoster(
             deps.kube, component=reporting_component, instance=reporting_instance
         )
-        self.deps = dataclasses.replace(deps, events=self.events)
+        # A ZenML client of its own (`zenml`): a re-issue never waits for one of the few
+        # key-create slots behind a wave of creates in the handlers' client.
+        self.own_zenml = zenml
+        self.deps = dataclasses.replace(deps, events=self.events, zenml=zenml or deps.zenml)
         self.metrics = metrics
         self.peering = peering
         self.retry_delay = retry_delay
@@ -106,6 +114,8 @@ class SecretRepairs:
         self._tasks.clear()
         self._pending.clear()
         await self.events.aclose()
+        if self.own_zenml is not None:
+            await self.own_zenml.aclose()
 
     # --- per owner --------------------------------------------------------------------------
 
@@ -165,11 +175,17 @@ class SecretRepairs:
             declared.extend(str(k.get("name")) for k in keys if isinstance(k, Mapping))
             return await sa.ServiceAccountReconciler(fresh, self.deps).run()
 
+        started = time.monotonic()
         outcome = await self.runner.run(
             SERVICE_ACCOUNTS, namespace, name, uid, reconcile, observe=self._observe
         )
         if outcome is None:
             return False  # gone or being deleted
+        logger.info(
+            f"ServiceAccount {namespace}/{name} reconciled after a Secret change in"
+            f" {time.monotonic() - started:.2f}s"
+            + (f" ({outcome.problem.reason})" if outcome.problem is not None else "")
+        )
         await self._wake_rotations(namespace, name, declared)
         return outcome.problem is not None and outcome.problem.retry
 
@@ -293,8 +309,21 @@ def start(memo: Any, config: OperatorConfig, metrics: Metrics, settings: Any) ->
         if getattr(memo, "kube", None) is None:
             await ready.wait()
         deps = lifecycle.deps_of(memo)
+        # Few connections and key-create slots: repairs are rare, and a burst of them is
+        # bounded by the reconcile slots of SecretRepairs anyway.
+        zenml = zc.ZenMLClient(
+            config.zenml_url,
+            config.zenml_api_key,
+            timeout=config.zenml_timeout,
+            max_retries=config.zenml_retries,
+            username=config.zenml_username,
+            max_connections=8,
+            heavy_concurrency=2,
+            observer=metrics.observe_zenml_request,
+        )
         memo.secret_repairs = found = SecretRepairs(
             deps=deps,
+            zenml=zenml,
             metrics=metrics,
             peering=settings.peering,
             reporting_component=settings.posting.reporting_component,
