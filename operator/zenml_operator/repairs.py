@@ -173,7 +173,8 @@ class SecretRepairs:
         async def reconcile(fresh: dict[str, Any]) -> Outcome:
             keys = (fresh.get("spec") or {}).get("apiKeys") or []
             declared.extend(str(k.get("name")) for k in keys if isinstance(k, Mapping))
-            return await sa.ServiceAccountReconciler(fresh, self.deps).run()
+            # One ZenML read (the key list) when the resource is converged, as a resync.
+            return await sa.ServiceAccountReconciler(fresh, self.deps).run(one_read=True)
 
         started = time.monotonic()
         outcome = await self.runner.run(
