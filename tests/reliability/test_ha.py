@@ -89,6 +89,7 @@ async def _start(cluster, zenml_server, key: str, priority: int) -> kopf_runner.
         kube_api_url=cluster.url,
         retry_delay=0.3,
         zenml_retries=1,
+        namespaces=tuple(WATCHED),  # as the chart runs it: the Secret watch follows them
     )
     operator = kopf_runner.BackgroundOperator(
         registry=build_registry(config),
