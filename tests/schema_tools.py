@@ -41,6 +41,9 @@ def apply_defaults(schema: dict[str, Any], value: Any) -> Any:
     return value
 
 
+_BLOCKING = " (type error)"
+
+
 class CelEvaluationError(AssertionError):
     """A CEL rule errored instead of answering: the rule is wrong, whatever the input."""
 
@@ -77,7 +80,7 @@ def validate(
         "number": isinstance(value, int | float) and not isinstance(value, bool),
     }
     if kind and not type_ok.get(kind, True):
-        return [f"{path}: must be {kind}"]
+        return [f"{path}: must be {kind}{_BLOCKING}"]
     if "enum" in schema and value not in schema["enum"]:
         errors.append(f"{path}: must be one of {schema['enum']}")
     if isinstance(value, str):
@@ -124,6 +127,10 @@ def validate(
                 )
             elif strict and not schema.get("x-kubernetes-preserve-unknown-fields"):
                 errors.append(f"{path}.{name}: unknown field")
+    if any(_BLOCKING in e for e in errors):
+        # A type error (or a missing required field) below here: the API server does not run
+        # the CEL rules of this node (hasBlockingErr), it reports the type error alone.
+        return errors
     for rule in schema.get("x-kubernetes-validations") or []:
         is_transition = "oldSelf" in rule["rule"]
         if is_transition and old is None:

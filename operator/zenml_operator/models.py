@@ -305,6 +305,7 @@ class ServiceAccountStatus(_Model):
 
 # Go-style duration as Kubernetes CEL's duration() parses it; hours, minutes, seconds.
 DURATION = r"^([0-9]{1,6}(\.[0-9]+)?(h|m|s))+$"
+_DURATION_CEL = DURATION.replace("\\", "\\\\")  # inside a CEL string literal
 ROTATE_ANNOTATION = "zenml.io/rotate"
 
 
@@ -335,14 +336,23 @@ class ApiKeyRotationSpec(_Model):
                 cel(
                     # Integer arithmetic, not duration(string(...)): a string built at run time
                     # has no size bound, and the API server refuses the rule's estimated cost.
-                    "duration(self.period).getSeconds() > self.retainPeriodMinutes * 60",
+                    # Each duration rule is guarded by the pattern: a malformed period is then
+                    # refused by the pattern alone, not by an evaluation error of duration().
+                    f"self.period.matches('{_DURATION_CEL}')"
+                    " ? duration(self.period).getSeconds() > self.retainPeriodMinutes * 60"
+                    " : true",
                     "period must be longer than retainPeriodMinutes: ZenML keeps one previous"
                     " key, so a rotation inside the retention window would cut off the key"
                     " that workloads still hold",
                 ),
-                cel("duration(self.period) >= duration('5m')", "period must be at least 5m"),
                 cel(
-                    "duration(self.period) <= duration('87600h')",
+                    f"self.period.matches('{_DURATION_CEL}')"
+                    " ? duration(self.period) >= duration('5m') : true",
+                    "period must be at least 5m",
+                ),
+                cel(
+                    f"self.period.matches('{_DURATION_CEL}')"
+                    " ? duration(self.period) <= duration('87600h') : true",
                     "period must be at most 87600h (10 years)",
                 ),
             ]

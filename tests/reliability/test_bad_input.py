@@ -372,13 +372,9 @@ def openapi_errors(kind: str, spec: dict[str, Any], old: dict[str, Any] | None =
 # Cases where a CEL rule of the CRD fails to evaluate instead of answering (schema_tools
 # raises CelEvaluationError: a bug in the rule or in the model of the API server, not a
 # refusal). Strict xfail: fixing the cause makes these XPASS and fail until removed here.
-CEL_EVALUATION_BUGS: dict[str, str] = {
-    "period-malformed": "the pattern error does not block CEL (as on a real server), and"
-    " duration(self.period) errors on '1h30': the period rules need a guard",
-    "period-empty": "as period-malformed, for ''",
-    "retention-string": "a type error blocks CEL on a real server (hasBlockingErr);"
-    " schema_tools still evaluates the rules, and 'str * int' errors",
-}
+# Cases whose CEL evaluation errored in schema_tools (strict xfails): none since the period
+# rules are guarded by the pattern and type errors block CEL as on a real server.
+CEL_EVALUATION_BUGS: dict[str, str] = {}
 
 
 def _refused_cases() -> list[Any]:
