@@ -132,7 +132,8 @@ class RotationPlan:
     action: RotationAction
     next_due: datetime.datetime  # when the key in the Secret is one period old
     requested: bool  # an on-demand request not answered yet
-    wake_at: datetime.datetime  # when to look again if nothing changes
+    # When to look again if nothing changes; None: only on a change or the resync.
+    wake_at: datetime.datetime | None
 
 
 def rotation_due(
@@ -162,9 +163,6 @@ def plan_rotation(
     due = rotation_due(
         now=now, next_due=next_due, request=request, answered_request=answered_request
     )
-    wake = [next_due]
-    if previous_valid_until is not None and previous_valid_until > now:
-        wake.append(previous_valid_until)
     if suspend:
         action = RotationAction.SUSPENDED
     elif due and previous_protected:
@@ -175,7 +173,17 @@ def plan_rotation(
         action = RotationAction.ROTATE
     else:
         action = RotationAction.IDLE
-    return RotationPlan(action, next_due, requested, min(wake))
+    return RotationPlan(action, next_due, requested, wake_time(now, next_due, previous_valid_until))
+
+
+def wake_time(
+    now: datetime.datetime, *moments: datetime.datetime | None
+) -> datetime.datetime | None:
+    """The earliest of these moments that is still ahead. A moment already past (a rotation
+    overdue while suspended or waiting for a retention) wakes nobody: waking for it would
+    look again at once, every time, in a busy loop."""
+    ahead = [m for m in moments if m is not None and m > now]
+    return min(ahead) if ahead else None
 
 
 def restart_owed(*, rotation_count: int, restarted_for: str | None, current_key_id: str) -> bool:

@@ -74,11 +74,14 @@ def minutes(n: float) -> datetime.timedelta:
 # now offset, suspend, request, answered, previous valid until offset, protected -> action, wake
 ROTATION_CASES = [
     ("idle", minutes(10), False, "", "", None, False, RotationAction.IDLE, HOUR),
-    ("due", HOUR, False, "", "", None, False, RotationAction.ROTATE, HOUR),
-    ("overdue-once", 5 * HOUR, False, "", "", None, False, RotationAction.ROTATE, HOUR),
+    # due now: the look rotates and plans its own next wake; nothing ahead to wake for here
+    ("due", HOUR, False, "", "", None, False, RotationAction.ROTATE, None),
+    ("overdue-once", 5 * HOUR, False, "", "", None, False, RotationAction.ROTATE, None),
     ("on-demand", minutes(1), False, "r1", "", None, False, RotationAction.ROTATE, HOUR),
     ("answered", minutes(1), False, "r1", "r1", None, False, RotationAction.IDLE, HOUR),
-    ("suspended", HOUR, True, "r2", "r1", None, False, RotationAction.SUSPENDED, HOUR),
+    # overdue while suspended: no wake time in the past (that was a 50 ms busy loop)
+    ("suspended", HOUR, True, "r2", "r1", None, False, RotationAction.SUSPENDED, None),
+    ("suspended-early", minutes(5), True, "", "", None, False, RotationAction.SUSPENDED, HOUR),
     (
         "waits-for-retention",
         minutes(2),
@@ -90,7 +93,7 @@ ROTATION_CASES = [
         RotationAction.WAIT_FOR_RETENTION,
         minutes(30),  # wakes when the retention ends
     ),
-    ("retention-over", HOUR, False, "", "", minutes(30), False, RotationAction.ROTATE, HOUR),
+    ("retention-over", HOUR, False, "", "", minutes(30), False, RotationAction.ROTATE, None),
 ]
 
 
@@ -107,7 +110,7 @@ def test_plan_rotation(
     until: datetime.timedelta | None,
     protected: bool,
     action: RotationAction,
-    wake: datetime.timedelta,
+    wake: datetime.timedelta | None,
 ) -> None:
     plan = plan_rotation(
         now=T0 + now,
@@ -121,7 +124,7 @@ def test_plan_rotation(
     )
     assert plan.action is action
     assert plan.next_due == T0 + HOUR
-    assert plan.wake_at == T0 + wake
+    assert plan.wake_at == (T0 + wake if wake is not None else None)
     assert plan.requested is (bool(asked) and asked != answered)
 
 

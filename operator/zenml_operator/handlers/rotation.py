@@ -249,7 +249,7 @@ class RotationReconciler:
         )
         next_due = plan.next_due
         rotating: tuple[bool, str, str] = (False, "Idle", f"Next rotation at {iso(next_due)}.")
-        wake = [plan.wake_at]
+        wake_at = plan.wake_at
 
         if plan.action is pol.RotationAction.SUSPENDED:
             rotating = (False, "Suspended", "spec.suspend is true: no rotation runs.")
@@ -281,9 +281,7 @@ class RotationReconciler:
                 "rotation.after-superseded-deactivate",
                 "rotation.after-superseded-delete",
             )
-            wake = [next_due]
-            if retention.valid_until and retention.valid_until > now:
-                wake.append(retention.valid_until)
+            wake_at = pol.wake_time(now, next_due, retention.valid_until)
             rotating = (False, "Rotated", f"Rotated at {iso(now)}; next at {iso(next_due)}.")
 
         # 3. Restarts owed for the key now in the Secret (made once per key).
@@ -330,7 +328,7 @@ class RotationReconciler:
             )
         status["conditions"] = self.conditions(ready=ready, rotating=rotating)
         status = {k: v for k, v in status.items() if v is not None}
-        return Outcome(status, wake_at=min(wake))
+        return Outcome(status, wake_at=wake_at)
 
     async def _rotate_now(
         self,
