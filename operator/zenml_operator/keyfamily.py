@@ -41,6 +41,12 @@ def family(keys: Iterable[ApiKeyInfo], base: str) -> list[ApiKeyInfo]:
     return sorted(members, key=lambda k: generation(k.name, base) or 0)
 
 
+def newer_than(members: Iterable[ApiKeyInfo], key: ApiKeyInfo, base: str) -> list[ApiKeyInfo]:
+    """The members of a later generation than `key`, oldest first."""
+    start = generation(key.name, base) or 0
+    return [m for m in family(members, base) if (generation(m.name, base) or 0) > start]
+
+
 def next_name(members: Iterable[ApiKeyInfo], base: str) -> str:
     top = max((generation(k.name, base) or 0 for k in members), default=0)
     return f"{base}.r{top + 1}"
@@ -74,6 +80,13 @@ class Retirement:
 
     deactivate: list[ApiKeyInfo]  # the previous key, its retention over: refused with 401
     delete: list[ApiKeyInfo]  # older generations and never-used leftovers of a crash
+
+
+def spare(plan: Retirement, ids: set[str]) -> Retirement:
+    """The plan without the keys in `ids` (keys an ApiKeyRotation's status still names)."""
+    return Retirement(
+        [k for k in plan.deactivate if k.id not in ids], [k for k in plan.delete if k.id not in ids]
+    )
 
 
 def retire(

@@ -26,12 +26,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import datetime
 import logging
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from zenml_operator import lifecycle
 from zenml_operator import policies as pol
@@ -75,7 +74,7 @@ class SecretRepairs:
         # A ZenML client of its own (`zenml`): a re-issue never waits for one of the few
         # key-create slots behind a wave of creates in the handlers' client.
         self.own_zenml = zenml
-        self.deps = dataclasses.replace(deps, events=self.events, zenml=zenml or deps.zenml)
+        self.deps = cast(Deps, _Overlay(deps, events=self.events, zenml=zenml or deps.zenml))
         self.metrics = metrics
         self.peering = peering
         self.retry_delay = retry_delay
@@ -233,6 +232,18 @@ class SecretRepairs:
         return pol.peering_allows(
             peers=peers_of(found), own_priority=peering.priority, now=utcnow()
         )
+
+
+class _Overlay:
+    """The handlers' Deps with a few fields replaced; everything else read through, also
+    what is set on them later (Kopf's rotation index is attached by the first daemon)."""
+
+    def __init__(self, base: Deps, **overrides: Any) -> None:
+        self.__dict__.update(overrides)
+        self._base = base
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._base, name)
 
 
 class EventPoster:

@@ -94,6 +94,21 @@ def value_annotations(key_id: str, issued_at: str, key_value: str) -> dict[str, 
     return {ANN_KEY_ID: key_id, ANN_ISSUED_AT: issued_at, ANN_VALUE_DIGEST: value_digest(key_value)}
 
 
+def record_from_rotation_status(status: Mapping[str, Any]) -> dict[str, str]:
+    """The rotation record as an ApiKeyRotation's status last saw it, for a Secret that lost
+    its own (deleted, or restored from an older copy): the count, the answered request,
+    and the previous key with the time it stays valid."""
+    record: dict[str, str] = {}
+    if status.get("rotationCount"):
+        record[ANN_ROTATION_COUNT] = str(int(status["rotationCount"]))
+    if status.get("lastRotateRequest"):
+        record[ANN_ROTATE_REQUEST] = str(status["lastRotateRequest"])
+    if status.get("previousKeyId") and status.get("previousKeyValidUntil"):
+        record[ANN_PREVIOUS_KEY_ID] = str(status["previousKeyId"])
+        record[ANN_PREVIOUS_VALID_UNTIL] = str(status["previousKeyValidUntil"])
+    return record
+
+
 def rotation_annotations(
     *, previous_key_id: str, previous_valid_until: datetime.datetime, count: int, request: str
 ) -> dict[str, str]:

@@ -56,6 +56,16 @@ async def events_of(cluster, reason: str) -> list[dict[str, Any]]:
     return [e for e in (await cluster.get(EVENTS))["items"] if e.get("reason") == reason]
 
 
+def rotation_looks(memo) -> float:
+    """How many rotation looks finished (the reconcile metric of ApiKeyRotations)."""
+    (family,) = memo.metrics.reconcile_total.collect()
+    return sum(
+        s.value
+        for s in family.samples
+        if s.name.endswith("_total") and s.labels.get("resource") == "apikeyrotation"
+    )
+
+
 async def settled(cluster, memo, path: str) -> None:
     """The watch saw the Secret as it is now and no repair is waiting or running."""
     ns, name = path.split("/")[4], path.split("/")[6]
@@ -281,3 +291,70 @@ async def test_stale_value_after_a_rotation_is_reissued_for_the_rotations_key(
     )
     assert secret["metadata"]["annotations"][ANN_KEY_ID] == status["currentKeyId"]
     assert await logs_in_as(zenml_server.url, secret_value(before)) == name  # still retained
+
+
+async def test_a_whole_secret_restored_from_before_a_rotation_keeps_the_rotations_key(
+    cluster, start_zenml_operator, zenml_server, zenml_client
+) -> None:
+    """A backup of the whole Secret from before a rotation (annotations included: its key id,
+    digest and issue time are consistent) is put back: the rotation's key, which the
+    rotation's status names, is re-issued into it, not retired as a leftover; the previous
+    key keeps the retention the rotation gave it."""
+    name, path, memo = await ready_account(cluster, start_zenml_operator)
+    backup = await cluster.get(path)
+    await cluster.create(ROT_PATH, rotation_body(name, name, period="1h", retainPeriodMinutes=5))
+    await cluster.patch(
+        f"{ROT_PATH}/{name}", {"metadata": {"annotations": {"zenml.io/rotate": "1"}}}
+    )
+    status = await wait_count(cluster, name, 1, timeout=REPAIRED)
+    rotated = await cluster.get(path)
+    looks = rotation_looks(memo)
+
+    restored = {**backup, "metadata": {**backup["metadata"]}}
+    restored["metadata"]["resourceVersion"] = rotated["metadata"]["resourceVersion"]
+    await cluster.replace(path, restored)
+    secret = await wait_logs_in(
+        cluster,
+        zenml_server,
+        path,
+        name,
+        fresh=lambda s: s["data"][KEY] not in (backup["data"][KEY], rotated["data"][KEY]),
+    )
+    assert secret["metadata"]["annotations"][ANN_KEY_ID] == status["currentKeyId"]
+    account = await zenml_client.get_service_account(name)
+    keys = {k.id for k in await zenml_client.list_api_keys(account.id)}
+    assert {status["currentKeyId"], status["previousKeyId"]} <= keys
+    assert await logs_in_as(zenml_server.url, secret_value(backup)) == name  # retained
+    # The repair woke the rotation; its look finds the record rebuilt from its status: the
+    # answered request does not fire again, and the count stays.
+    await cluster.wait_for(lambda: rotation_looks(memo) > looks, timeout=REPAIRED)
+    after = (await cluster.get(f"{ROT_PATH}/{name}"))["status"]
+    assert (after["rotationCount"], after["currentKeyId"]) == (1, status["currentKeyId"])
+    assert (await cluster.get(path))["data"][KEY] == secret["data"][KEY]
+
+
+async def test_a_secret_deleted_after_a_rotation_keeps_the_rotation_record(
+    cluster, start_zenml_operator, zenml_server
+) -> None:
+    """Deleted inside the previous key's retention: the new Secret gets its record back from
+    the rotation's status, so the previous key is not retired early and the answered
+    on-demand request does not rotate again."""
+    name, path, memo = await ready_account(cluster, start_zenml_operator)
+    before = await cluster.get(path)
+    await cluster.create(ROT_PATH, rotation_body(name, name, period="1h", retainPeriodMinutes=5))
+    await cluster.patch(
+        f"{ROT_PATH}/{name}", {"metadata": {"annotations": {"zenml.io/rotate": "1"}}}
+    )
+    status = await wait_count(cluster, name, 1, timeout=REPAIRED)
+    looks = rotation_looks(memo)
+
+    await cluster.delete(path)
+    secret = await wait_logs_in(cluster, zenml_server, path, name)
+    ann = secret["metadata"]["annotations"]
+    assert ann[ANN_KEY_ID] == status["currentKeyId"]
+    assert ann["zenml.io/rotation-count"] == "1" and ann["zenml.io/rotate-request"] == "1"
+    assert ann["zenml.io/previous-api-key-id"] == status["previousKeyId"]
+    assert await logs_in_as(zenml_server.url, secret_value(before)) == name  # retained
+    await cluster.wait_for(lambda: rotation_looks(memo) > looks, timeout=REPAIRED)
+    after = (await cluster.get(f"{ROT_PATH}/{name}"))["status"]
+    assert (after["rotationCount"], after["currentKeyId"]) == (1, status["currentKeyId"])

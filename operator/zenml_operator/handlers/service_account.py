@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import pydantic
@@ -40,11 +41,27 @@ from zenml_operator.handlers.common import (
     secret_lock,
 )
 from zenml_operator.kube import KubeConflict
-from zenml_operator.models import ApiKeySpec, ServiceAccountSpec
-from zenml_operator.secret_record import ANN_ISSUED_AT, SecretRecord, annotations
-from zenml_operator.timestamps import now_iso, utcnow
+from zenml_operator.models import API_VERSION, ApiKeySpec, ServiceAccountSpec
+from zenml_operator.secret_record import (
+    ANN_ISSUED_AT,
+    SecretRecord,
+    annotations,
+    record_from_rotation_status,
+)
+from zenml_operator.timestamps import now_iso, parse_time, utcnow
 
 KIND = "ServiceAccount"
+ROTATIONS_PLURAL = "apikeyrotations"
+
+
+@dataclass
+class Rotations:
+    """What the ApiKeyRotations of one key say in their status (written after the Secret)."""
+
+    vouched: set[str] = field(default_factory=set)  # current, and previous inside retention
+    current: list[zc.ApiKeyInfo] = field(default_factory=list)  # their current keys
+    record: dict[str, str] = field(default_factory=dict)  # the rotation record, as annotations
+
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +167,18 @@ class ServiceAccountReconciler(AccountSteps):
             # re-issue (and kill) a key inside its retention.
             members = kf.family(await self.deps.zenml.list_api_keys(account.id), key.name)
         existing = kf.current_key(members, secret)
+        # The rotations of this key vouch for keys too (their status is written after the
+        # Secret): a family member newer than the key the Secret records is either a crash
+        # leftover, or the rotation's current key in a Secret restored to an older copy
+        # (annotations and all). Then that key is the one to re-issue, not to retire.
+        rotations: Rotations | None = None
+        went_back = False
+        newer = kf.newer_than(members, existing, key.name) if existing is not None else []
+        if secret is not None and newer:
+            rotations = await self._rotations(key.name, members)
+            ahead = [m for m in newer if m in rotations.current]
+            if ahead:
+                existing, went_back = ahead[-1], True
         # A Secret that lost its owner reference is still ours when its labels and the key
         # id it records say so (that key is one of this key's ZenML keys); claimed back.
         owned = secret is not None and (
@@ -164,7 +193,9 @@ class ServiceAccountReconciler(AccountSteps):
 
         def plan() -> pol.KeyAction:
             nonlocal check
-            if existing is not None and secret is not None:
+            if went_back:
+                check = pol.ValueCheck.OUTDATED
+            elif existing is not None and secret is not None:
                 same_key = last.get("id") == existing.id
                 check = sec.value_check(
                     secret, existing.id, last_issued_at=last.get("issuedAt") if same_key else None
@@ -197,7 +228,9 @@ class ServiceAccountReconciler(AccountSteps):
                 action = plan()
             else:
                 await crashpoint("sa.key.after-create")
-                issued_at = await self.write_value(key, secret, secret_name, issued)
+                issued_at = await self.write_value(
+                    key, secret, secret_name, issued, await self._lost_record(key, secret)
+                )
                 await crashpoint("sa.key.after-secret-write")
                 self.event(
                     "Normal",
@@ -213,10 +246,13 @@ class ServiceAccountReconciler(AccountSteps):
         # Older generations: crash leftovers of a rotation, or a previous key whose
         # retention (recorded in the Secret) is over. One still inside it is kept.
         retention = SecretRecord.of(secret).retention
+        retirement = kf.retire(members, existing, retention, utcnow())
+        if (retirement.deactivate or retirement.delete) and rotations is None:
+            rotations = await self._rotations(key.name, members)
         await retire_keys(
             self.deps,
             account.id,
-            kf.retire(members, existing, retention, utcnow()),
+            kf.spare(retirement, rotations.vouched if rotations else set()),
             self.event,
             "sa.key.after-retire-deactivate",
             "sa.key.after-retire-delete",
@@ -229,7 +265,8 @@ class ServiceAccountReconciler(AccountSteps):
                     account.id, existing.id, retain_period_minutes=0
                 )
                 await crashpoint("sa.key.after-reissue")
-                issued_at = await self.write_value(key, secret, secret_name, issued)
+                lost = await self._lost_record(key, secret, went_back=went_back)
+                issued_at = await self.write_value(key, secret, secret_name, issued, lost)
                 await crashpoint("sa.key.after-reissue-write")
                 what = (
                     "was missing"
@@ -269,14 +306,49 @@ class ServiceAccountReconciler(AccountSteps):
         )
         return entry
 
+    async def _rotations(self, key_name: str, members: list[zc.ApiKeyInfo]) -> Rotations:
+        """What the ApiKeyRotations of this key say in their status (Kopf's index names
+        them, so nothing is read when there is none): see `Rotations`."""
+        found = Rotations()
+        by_id = {m.id: m for m in members}
+        now = utcnow()
+        for _, name in sorted(self.deps.rotation_claims(self.namespace, self.name, key_name)):
+            rotation = await self.deps.kube.get_object(
+                API_VERSION, ROTATIONS_PLURAL, self.namespace, name
+            )
+            status = (rotation or {}).get("status") or {}
+            if not found.record:  # the oldest rotation is the one that rotates (the others
+                found.record = record_from_rotation_status(status)  # are DuplicateRotation)
+            if status.get("currentKeyId"):
+                found.vouched.add(str(status["currentKeyId"]))
+                if status["currentKeyId"] in by_id:
+                    found.current.append(by_id[status["currentKeyId"]])
+            until = parse_time(status.get("previousKeyValidUntil"))
+            if status.get("previousKeyId") and until is not None and until > now:
+                found.vouched.add(str(status["previousKeyId"]))
+        return found
+
+    async def _lost_record(
+        self, key: ApiKeySpec, secret: Mapping[str, Any] | None, *, went_back: bool = False
+    ) -> dict[str, str]:
+        """The rotation record to write with a new value when the Secret lost its own (it is
+        new, or restored from a copy older than the last rotation): rebuilt from the
+        rotation's status, so that a rotation is not counted again, an answered on-demand
+        request does not fire again, and the previous key keeps its retention."""
+        if secret is not None and not went_back:
+            return {}
+        return (await self._rotations(key.name, [])).record
+
     async def write_value(
         self,
         key: ApiKeySpec,
         secret: Mapping[str, Any] | None,
         secret_name: str,
         issued: zc.IssuedApiKey,
+        record: Mapping[str, str] | None = None,
     ) -> str:
-        """Put a freshly issued value into the Secret in one write; returns the issue time."""
+        """Put a freshly issued value into the Secret in one write; returns the issue time.
+        `record`: rotation record annotations to write with it (see _lost_record)."""
         issued_at = now_iso()
         if secret is None:
             body = sec.new_secret(
@@ -288,6 +360,7 @@ class ServiceAccountReconciler(AccountSteps):
                 key_value=issued.value.reveal(),
                 issued_at=issued_at,
             )
+            body["metadata"]["annotations"].update(record or {})
             await self.deps.kube.create_secret(self.namespace, body)
             return issued_at
         for _ in range(3):
@@ -299,6 +372,7 @@ class ServiceAccountReconciler(AccountSteps):
                 key_id=issued.info.id,
                 key_value=issued.value.reveal(),
                 issued_at=issued_at,
+                extra_annotations=record,
             )
             try:
                 await self.deps.kube.patch_secret(self.namespace, secret_name, patch)
