@@ -306,3 +306,54 @@ async def test_a_compacted_history_is_gone_and_a_relist_reports_what_changed() -
         finally:
             await watch.stop()
             await kube.aclose()
+
+
+# --- what the key's rotations vouch for ------------------------------------------------------
+
+
+def _key(name: str, key_id: str) -> Any:
+    from zenml_operator.zenml_api import ApiKeyInfo
+
+    return ApiKeyInfo(
+        id=key_id,
+        name=name,
+        active=True,
+        description="",
+        created=None,
+        last_rotated=None,
+        retain_period_minutes=None,
+    )
+
+
+def test_newer_generations_and_sparing_what_a_rotation_names() -> None:
+    from zenml_operator import keyfamily as kf
+    from zenml_operator.secret_record import Retention
+
+    base, r1, r2 = _key("main", "k0"), _key("main.r1", "k1"), _key("main.r2", "k2")
+    members = [r2, base, r1]
+    assert kf.newer_than(members, base, "main") == [r1, r2]
+    assert kf.newer_than(members, r2, "main") == []
+    # A Secret restored from before the rotation records k0: r1 and r2 look like leftovers...
+    plan = kf.retire(members, base, Retention(None, None), T0)
+    assert {k.id for k in plan.delete} == {"k1", "k2"}
+    # ... but the rotation's status names k1 (current): only the real leftover goes.
+    spared = kf.spare(plan, {"k1"})
+    assert [k.id for k in spared.delete] == ["k2"] and spared.deactivate == []
+
+
+def test_the_rotation_record_rebuilt_from_a_rotation_status() -> None:
+    from zenml_operator.secret_record import record_from_rotation_status
+
+    status = {
+        "rotationCount": 3,
+        "lastRotateRequest": "go",
+        "previousKeyId": "k2",
+        "previousKeyValidUntil": "2026-01-01T01:00:00Z",
+        "currentKeyId": "k3",
+    }
+    record = record_from_rotation_status(status)
+    secret = {"metadata": {"annotations": record}}
+    got = SecretRecord.of(secret)
+    assert (got.rotation_count, got.answered_request) == (3, "go")
+    assert got.retention.key_id == "k2" and got.retention.valid_until == T1
+    assert record_from_rotation_status({}) == {}  # never rotated: nothing to carry over
