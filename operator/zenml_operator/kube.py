@@ -1,7 +1,8 @@
 """A small async Kubernetes client for the objects the operator writes.
 
 Kopf watches the custom resources with its own client. The operator's own writes
-(Secrets, status intent records, workload restarts) go through this one, built from
+(Secrets, status intent records, workload restarts) and the watch of its own Secrets
+(secret_watch.py, on a client of its own) go through this one, built from
 the same `kopf.ConnectionInfo` that Kopf's login handler returned, so there is one
 source of credentials for both. It is httpx-based so that it never blocks the event
 loop (a sync client in an async handler would) and reuses connections.
