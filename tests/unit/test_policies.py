@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import datetime
+from typing import Any
 
 import pytest
 
 from zenml_operator.policies import (
     AccountVerdict,
     KeyAction,
+    Peer,
     RotationAction,
     Trigger,
+    ValueCheck,
+    check_value,
     judge_account,
+    peering_allows,
     plan_key,
     plan_reconcile,
     plan_rotation,
     restart_owed,
     rotation_look_in_background,
 )
+from zenml_operator.secret_record import value_digest
 
 # secret_exists, secret_owned, key_exists, secret_holds_key -> action
 KEY_CASES = [
@@ -207,3 +213,66 @@ def test_rotation_look_in_background(
         answered_request=answered,
     )
     assert got is background
+
+
+# --- Secret repair: does a Secret hold the issued value; may a peer act ---------------------
+
+OLD = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+NEW = OLD + datetime.timedelta(hours=1)
+DG = value_digest("ZENKEY_issued")  # the digest recorded with the value
+XX = value_digest("ZENKEY_something-else")
+
+# key id matches, value present, recorded digest, digest of the value held,
+# issue time in the Secret, issue time the owner's status last saw -> check
+VALUE_CASES = [
+    ((True, True, DG, DG, NEW, NEW), ValueCheck.HELD),  # converged
+    ((True, True, DG, DG, NEW, None), ValueCheck.HELD),  # the status has not seen it yet
+    ((True, True, DG, DG, NEW, OLD), ValueCheck.HELD),  # newer than the status: a re-issue
+    ((True, True, None, DG, NEW, NEW), ValueCheck.UNKNOWN),  # written before digests
+    ((True, True, None, XX, None, None), ValueCheck.UNKNOWN),  # ... only the old check then
+    ((False, True, DG, DG, NEW, NEW), ValueCheck.OTHER_KEY),  # the record names another key
+    ((True, False, DG, None, NEW, NEW), ValueCheck.MISSING),  # data key removed
+    ((True, True, DG, XX, NEW, NEW), ValueCheck.REPLACED),  # value replaced, record kept
+    ((True, True, DG, None, NEW, NEW), ValueCheck.REPLACED),  # not base64: not what we wrote
+    ((True, True, DG, DG, OLD, NEW), ValueCheck.OUTDATED),  # a whole-object copy from before
+    ((True, True, None, DG, OLD, NEW), ValueCheck.OUTDATED),  # ... also of a pre-digest one
+]
+
+
+@pytest.mark.parametrize(
+    ("inputs", "expected"),
+    VALUE_CASES,
+    ids=[f"{e.value}-{i}" for i, (_, e) in enumerate(VALUE_CASES)],
+)
+def test_check_value(inputs: tuple[Any, ...], expected: ValueCheck) -> None:
+    matches, present, recorded, held, issued_at, last_issued_at = inputs
+    got = check_value(
+        key_id_matches=matches,
+        value_present=present,
+        recorded_digest=recorded,
+        held_digest=held,
+        issued_at=issued_at,
+        last_issued_at=last_issued_at,
+    )
+    assert got is expected
+    assert got.holds is (expected in (ValueCheck.HELD, ValueCheck.UNKNOWN))
+
+
+LIVE, DEAD = NEW, OLD - datetime.timedelta(seconds=1)  # alive until, seen at OLD
+# peers (priority, alive until), own priority -> may act outside Kopf's handlers
+PEERING_CASES = [
+    (([(5, LIVE)], 5), True),  # alone
+    (([(5, LIVE), (3, LIVE)], 5), True),  # the leader
+    (([(5, LIVE), (9, LIVE)], 5), False),  # a higher live peer: Kopf pauses us
+    (([(5, LIVE), (9, DEAD)], 5), True),  # ... unless it is dead
+    (([(5, LIVE), (5, LIVE)], 5), False),  # same priority: Kopf pauses everyone
+    (([(9, LIVE)], 5), False),  # not in the object yet (not joined): wait
+    (([], 5), False),
+]
+
+
+@pytest.mark.parametrize(("inputs", "allowed"), PEERING_CASES)
+def test_peering_allows(inputs: tuple[list[tuple[int, Any]], int], allowed: bool) -> None:
+    peers, own = inputs
+    got = peering_allows(peers=[Peer(p, until) for p, until in peers], own_priority=own, now=OLD)
+    assert got is allowed

@@ -1,6 +1,7 @@
-"""Repairing managed Secrets, piece by piece: the value check (a table, as the other pure
-decisions in test_policies.py), the peering gate, the digest in the Secret record, claiming
-back a Secret that lost its owner reference, and the Secret watch against the emulator."""
+"""Repairing managed Secrets, piece by piece (the pure decisions, the value check and the
+peering gate, have their tables in test_policies.py): Kopf's peering object read, the digest
+in the Secret record, claiming back a Secret that lost its owner reference, what the key's
+rotations vouch for, and the Secret watch against the emulator."""
 
 from __future__ import annotations
 
@@ -22,70 +23,13 @@ from zenml_devstack.kube_emulator import (
 from zenml_operator import secrets as sec
 from zenml_operator.kube import KubeClient, KubeGone
 from zenml_operator.models import ApiKeySpec
-from zenml_operator.policies import Peer, ValueCheck, check_value, peering_allows
+from zenml_operator.policies import Peer, ValueCheck
 from zenml_operator.repairs import peers_of
 from zenml_operator.secret_record import ANN_VALUE_DIGEST, SecretRecord, value_digest
 from zenml_operator.secret_watch import SELECTOR, SecretChange, SecretWatch, owner_of
 
 T0 = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
 T1 = T0 + datetime.timedelta(hours=1)
-D = value_digest("ZENKEY_issued")
-OTHER = value_digest("ZENKEY_something-else")
-
-# key id matches, value present, recorded digest, digest of the value held,
-# issue time in the Secret, issue time the owner's status last saw -> check
-VALUE_CASES = [
-    ((True, True, D, D, T1, T1), ValueCheck.HELD),  # converged
-    ((True, True, D, D, T1, None), ValueCheck.HELD),  # the status has not seen it yet
-    ((True, True, D, D, T1, T0), ValueCheck.HELD),  # newer than the status: a rotation/re-issue
-    ((True, True, None, D, T1, T1), ValueCheck.UNKNOWN),  # written before digests: trusted
-    ((True, True, None, OTHER, None, None), ValueCheck.UNKNOWN),  # (the old check only)
-    ((False, True, D, D, T1, T1), ValueCheck.OTHER_KEY),  # the record names another key
-    ((True, False, D, None, T1, T1), ValueCheck.MISSING),  # data key removed
-    ((True, True, D, OTHER, T1, T1), ValueCheck.REPLACED),  # value replaced, record kept
-    ((True, True, D, None, T1, T1), ValueCheck.REPLACED),  # not base64: not the value written
-    ((True, True, D, D, T0, T1), ValueCheck.OUTDATED),  # a whole-object copy from before
-    ((True, True, None, D, T0, T1), ValueCheck.OUTDATED),  # ... also of a pre-digest Secret
-]
-
-
-@pytest.mark.parametrize(
-    ("inputs", "expected"),
-    VALUE_CASES,
-    ids=[f"{e.value}-{i}" for i, (_, e) in enumerate(VALUE_CASES)],
-)
-def test_check_value(inputs: tuple[Any, ...], expected: ValueCheck) -> None:
-    matches, present, recorded, held, issued_at, last_issued_at = inputs
-    got = check_value(
-        key_id_matches=matches,
-        value_present=present,
-        recorded_digest=recorded,
-        held_digest=held,
-        issued_at=issued_at,
-        last_issued_at=last_issued_at,
-    )
-    assert got is expected
-    assert got.holds is (expected in (ValueCheck.HELD, ValueCheck.UNKNOWN))
-
-
-LIVE, DEAD = T1, T0 - datetime.timedelta(seconds=1)  # alive_until, seen from `now` = T0
-# peers (priority, alive until), own priority -> may act
-PEERING_CASES = [
-    (([(5, LIVE)], 5), True),  # alone
-    (([(5, LIVE), (3, LIVE)], 5), True),  # the leader
-    (([(5, LIVE), (9, LIVE)], 5), False),  # a higher live peer: Kopf pauses us
-    (([(5, LIVE), (9, DEAD)], 5), True),  # ... unless it is dead
-    (([(5, LIVE), (5, LIVE)], 5), False),  # same priority: Kopf pauses everyone
-    (([(9, LIVE)], 5), False),  # not in the object yet (not joined): wait
-    (([], 5), False),
-]
-
-
-@pytest.mark.parametrize(("inputs", "allowed"), PEERING_CASES)
-def test_peering_allows(inputs: tuple[list[tuple[int, Any]], int], allowed: bool) -> None:
-    peers, own = inputs
-    got = peering_allows(peers=[Peer(p, until) for p, until in peers], own_priority=own, now=T0)
-    assert got is allowed
 
 
 def test_peers_of_a_kopf_peering_object() -> None:
