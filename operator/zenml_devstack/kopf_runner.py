@@ -224,9 +224,23 @@ class BackgroundOperator:
             done, _ = await asyncio.wait({task}, timeout=timeout)
             if not done:
                 raise TimeoutError(f"The operator did not stop in {timeout} seconds.")
+            if not graceful:
+                await self._cancel_leftovers(timeout)
         failure = None if task.cancelled() else task.exception()
         if failure is not None:
             raise failure
+
+    async def _cancel_leftovers(self, timeout: float) -> None:
+        """Cancel every task this operator created that is still running, as a killed
+        process would leave none: tasks the handlers spawned outside Kopf's knowledge (a
+        Secret watch, its repairs, background checks), and Kopf's own when its shutdown was
+        cut short (a handler's crash stops Kopf while the cancellation is still on its way)."""
+        current = asyncio.current_task()
+        leftovers = {t for t in list(self._tasks) if not t.done() and t is not current}
+        for leftover in leftovers:
+            leftover.cancel()
+        if leftovers:
+            await asyncio.wait(leftovers, timeout=timeout)
 
     async def kill(self, *, timeout: float = 10.0) -> None:
         """Stop as a SIGKILL would: in-flight handlers are interrupted, cleanup handlers skipped.
