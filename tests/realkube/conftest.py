@@ -1,10 +1,13 @@
 """The real-apiserver tier: a real etcd + kube-apiserver + kube-controller-manager.
 
-Once per test session: the control plane starts on loopback from KUBEBUILDER_ASSETS (the
-envtest convention; skipped with one line saying how to get them when absent), the CRDs from
-`crds/` are applied, the chart's ServiceAccount and RBAC are rendered by Helm and applied, and
-the operator runs as a separate process (`zenml-operator run --all-namespaces`) with a token of
-that ServiceAccount from the TokenRequest API, so the real server enforces the chart's RBAC.
+Once per test session (package-scoped: started by the tier's first test, and the operator
+process and the control plane are stopped when the tier ends, so that nothing of it runs
+beside the tests that follow and share the session's ZenML server): the control plane
+starts on loopback from KUBEBUILDER_ASSETS (the envtest convention; skipped with one line
+saying how to get them when absent), the CRDs from `crds/` are applied, the chart's
+ServiceAccount and RBAC are rendered by Helm and applied, and the operator runs as a
+separate process (`zenml-operator run --all-namespaces`) with a token of that
+ServiceAccount from the TokenRequest API, so the real server enforces the chart's RBAC.
 Each test gets its own namespace. The audit log records every request the operator makes.
 """
 
@@ -237,7 +240,7 @@ class ZenMLProbe:
         self._thread.join(timeout=10)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def zenml(zenml_server: Any, operator_api_key: str) -> Iterator[ZenMLProbe]:
     probe = ZenMLProbe(zenml_server.url, operator_api_key)
     try:
@@ -256,7 +259,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         report.sections.append(("operator log (last 80 lines)", tail))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
     assets = find_assets()
     if assets is None:
@@ -270,7 +273,7 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlP
         plane.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def kube(control_plane: ControlPlane) -> Iterator[Kube]:
     with httpx.Client(timeout=30, **control_plane.admin_client_kwargs()) as http:
         yield Kube(http)
@@ -319,7 +322,7 @@ def _install_rbac(kube: Kube, zenml_url: str) -> tuple[str, str]:
     return f"system:serviceaccount:{OPERATOR_NAMESPACE}:{account}", token["status"]["token"]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def installed(
     control_plane: ControlPlane,
     kube: Kube,
