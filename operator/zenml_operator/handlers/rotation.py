@@ -167,7 +167,18 @@ class RotationReconciler:
     async def run(self, now: datetime.datetime | None = None) -> Outcome:
         now = now or utcnow()
         status: dict[str, Any] = {"observedGeneration": self.generation}
-        for keep in ("lastRotationTime", "rotationCount", "currentKeyId"):
+        # What the last rotation recorded stays in status when this look ends early (e.g. the
+        # Secret is missing while it is repaired): a Secret rebuilt from this status must get
+        # the answered request back, or that on-demand request would rotate a second time.
+        for keep in (
+            "lastRotationTime",
+            "rotationCount",
+            "currentKeyId",
+            "lastRotateRequest",
+            "previousKeyId",
+            "previousKeyValidUntil",
+            "restartedForKeyId",
+        ):
             if keep in self.status:
                 status[keep] = self.status[keep]
         try:
