@@ -74,6 +74,20 @@ def _printer_columns(kind: str) -> list[dict[str, Any]]:
         {"name": "Reason", "type": "string", "jsonPath": f"{ready}.reason"},
     ]
     age = [{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}]
+    if kind in models.SERVER_KINDS:
+        return [
+            *common_head,
+            {"name": "URL", "type": "string", "jsonPath": ".spec.url"},
+            {"name": "Identity", "type": "string", "jsonPath": ".status.identity"},
+            {"name": "Version", "type": "string", "jsonPath": ".status.serverVersion"},
+            {
+                "name": "Message",
+                "type": "string",
+                "jsonPath": f"{ready}.message",
+                "priority": 1,
+            },
+            *age,
+        ]
     if kind == "ServiceAccount":
         return [
             *common_head,
@@ -110,6 +124,7 @@ def crd(
     spec_model: type[BaseModel],
     status_model: type[BaseModel],
     description: str,
+    scope: str = "Namespaced",
 ) -> dict[str, Any]:
     status_schema = openapi_schema(status_model)
     # Kopf and future versions may add fields; never let the API server prune them away.
@@ -127,7 +142,7 @@ def crd(
         "metadata": {"name": f"{plural}.{GROUP}"},
         "spec": {
             "group": GROUP,
-            "scope": "Namespaced",
+            "scope": scope,
             "names": {
                 "kind": kind,
                 "listKind": f"{kind}List",
@@ -191,6 +206,32 @@ def all_crds() -> dict[str, dict[str, Any]]:
                 " the previous value valid for a retention period and restarts workloads."
             ),
         )
+    server_description = (
+        "{what}: its URL and the Secret the operator logs in with. ServiceAccounts name it"
+        " in spec.serverRef; their Secrets get its URL, ZENML_PRO_API_URL and"
+        " ZENML_STORE_VERIFY_SSL (CA bundle) when set."
+    )
+    result["zenml.io_zenmlservers.yaml"] = crd(
+        kind="ZenMLServer",
+        plural=models.ZENML_SERVERS,
+        short_names=["zsrv"],
+        spec_model=models.ZenMLServerSpec,
+        status_model=models.ZenMLServerStatus,
+        description=server_description.format(
+            what="A ZenML server usable by ServiceAccounts of this namespace"
+        ),
+    )
+    result["zenml.io_clusterzenmlservers.yaml"] = crd(
+        kind="ClusterZenMLServer",
+        plural=models.CLUSTER_ZENML_SERVERS,
+        short_names=["czsrv"],
+        spec_model=models.ClusterZenMLServerSpec,
+        status_model=models.ZenMLServerStatus,
+        description=server_description.format(
+            what="A ZenML server usable by ServiceAccounts of every namespace"
+        ),
+        scope="Cluster",
+    )
     return result
 
 

@@ -32,6 +32,16 @@ QUALIFIED_NAME = (
 # A label value: at most 63 characters, alphanumeric at both ends.
 LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
 MAX_DESCRIPTION = 1024
+# An http(s) URL: scheme, a host (with an optional port), an optional path; no query or fragment.
+HTTP_URL = r"^https?://[^\s/?#]+(/[^\s?#]*)?$"
+MAX_URL = 2048
+MAX_CA_BUNDLE = 65536
+PEM_CERTIFICATE = "-----BEGIN CERTIFICATE-----"
+
+# Kinds a ServiceAccount's spec.serverRef may name, and the plurals of the server resources.
+SERVER_KINDS = ("ZenMLServer", "ClusterZenMLServer")
+ZENML_SERVERS = "zenmlservers"
+CLUSTER_ZENML_SERVERS = "clusterzenmlservers"
 
 
 def cel(rule: str, message: str, *, reason: str | None = None) -> dict[str, str]:
@@ -69,6 +79,28 @@ class SecretKeys(_Model):
             max_length=253,
         ),
     ] = "ZENML_STORE_API_KEY"
+    pro_api_url: Annotated[
+        str,
+        Field(
+            description=(
+                "Data key that holds the ZenML Pro API URL (written only when the server"
+                " sets proApiUrl)."
+            ),
+            pattern=SECRET_DATA_KEY,
+            max_length=253,
+        ),
+    ] = "ZENML_PRO_API_URL"
+    verify_ssl: Annotated[
+        str,
+        Field(
+            description=(
+                "Data key that holds the server's CA bundle (PEM), which the zenml client"
+                " trusts (written only when the server sets caBundle)."
+            ),
+            pattern=SECRET_DATA_KEY,
+            max_length=253,
+        ),
+    ] = "ZENML_STORE_VERIFY_SSL"
 
 
 def _qualified_keys_rule(what: str) -> dict[str, str]:
@@ -98,7 +130,16 @@ class SecretTemplate(_Model):
     model_config = ConfigDict(
         json_schema_extra={
             "x-kubernetes-validations": [
-                cel("self.keys.url != self.keys.apiKey", "keys.url and keys.apiKey must differ")
+                cel(
+                    # Pairwise: cheap for the API server's cost estimate.
+                    "self.keys.url != self.keys.apiKey"
+                    " && self.keys.url != self.keys.proApiUrl"
+                    " && self.keys.url != self.keys.verifySsl"
+                    " && self.keys.apiKey != self.keys.proApiUrl"
+                    " && self.keys.apiKey != self.keys.verifySsl"
+                    " && self.keys.proApiUrl != self.keys.verifySsl",
+                    "keys.url, keys.apiKey, keys.proApiUrl and keys.verifySsl must differ",
+                )
             ]
         }
     )
@@ -173,6 +214,50 @@ class ApiKeySpec(_Model):
 DeletionPolicy = Literal["Delete", "Deactivate", "Retain"]
 
 
+class ServerRef(_Model):
+    """The ZenMLServer or ClusterZenMLServer a ServiceAccount lives on."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "!has(self.namespace)",
+                    "serverRef.namespace is not allowed: a ZenMLServer can only be used from"
+                    " its own namespace; use a ClusterZenMLServer to share a server across"
+                    " namespaces",
+                )
+            ]
+        }
+    )
+
+    kind: Annotated[
+        Literal["ZenMLServer", "ClusterZenMLServer"],
+        Field(
+            description=("ZenMLServer (in this namespace) or ClusterZenMLServer (cluster-scoped).")
+        ),
+    ]
+    name: Annotated[
+        str,
+        Field(
+            description="Name of the server resource.",
+            pattern=DNS_SUBDOMAIN,
+            min_length=1,
+            max_length=253,
+        ),
+    ]
+    namespace: Annotated[
+        str | None,
+        Field(
+            description=(
+                "Not allowed: a ZenMLServer is only usable from its own namespace (the"
+                " field exists to give a clear error)."
+            ),
+            pattern=DNS_LABEL,
+            max_length=63,
+        ),
+    ] = None
+
+
 class ServiceAccountSpec(_Model):
     """A ZenML service account and its API keys."""
 
@@ -184,7 +269,13 @@ class ServiceAccountSpec(_Model):
                     " && (!has(self.name) || self.name == oldSelf.name)",
                     "spec.name is immutable: create a new resource for another account",
                     reason="FieldValueForbidden",
-                )
+                ),
+                cel(
+                    "has(self.serverRef) == has(oldSelf.serverRef)"
+                    " && (!has(self.serverRef) || self.serverRef == oldSelf.serverRef)",
+                    "spec.serverRef is immutable: create a new ServiceAccount for another server",
+                    reason="FieldValueForbidden",
+                ),
             ]
         }
     )
@@ -196,6 +287,15 @@ class ServiceAccountSpec(_Model):
             pattern=DNS_LABEL,
             min_length=1,
             max_length=63,
+        ),
+    ] = None
+    server_ref: Annotated[
+        ServerRef | None,
+        Field(
+            description=(
+                "The ZenML server this account lives on (immutable). Absent: the operator's"
+                " default server, from its environment."
+            )
         ),
     ] = None
     description: Annotated[
@@ -300,6 +400,145 @@ class ServiceAccountStatus(_Model):
     create_requested_at: str | None = None
     ready_keys: int | None = None
     api_keys: list[ApiKeyStatus] = []
+    conditions: Conditions = []
+
+
+class ServerCredentials(_Model):
+    """The Secret the operator logs in to the ZenML server with.
+
+    The Secret holds either ZENML_STORE_API_KEY (an API key of a service account) or
+    ZENML_STORE_USERNAME and ZENML_STORE_PASSWORD.
+    """
+
+    secret_name: Annotated[
+        str,
+        Field(
+            description=(
+                "Name of the Secret holding ZENML_STORE_API_KEY (a service account's API key)"
+                " or ZENML_STORE_USERNAME and ZENML_STORE_PASSWORD."
+            ),
+            pattern=DNS_SUBDOMAIN,
+            min_length=1,
+            max_length=253,
+        ),
+    ]
+    namespace: Annotated[
+        str | None,
+        Field(
+            description=(
+                "Namespace of the Secret: required for a ClusterZenMLServer (the operator's"
+                " namespace unless the chart allows others), not allowed for a ZenMLServer"
+                " (its Secret is in its own namespace)."
+            ),
+            pattern=DNS_LABEL,
+            min_length=1,
+            max_length=63,
+        ),
+    ] = None
+
+
+_URL_FIELD = {"pattern": HTTP_URL, "max_length": MAX_URL}
+
+
+class _ServerSpecBase(_Model):
+    """Fields shared by ZenMLServer and ClusterZenMLServer; only their rules differ."""
+
+    url: Annotated[
+        str,
+        Field(
+            description="URL of the ZenML server the operator talks to, e.g. https://zenml.example.com.",
+            **_URL_FIELD,
+        ),
+    ]
+    secret_url: Annotated[
+        str | None,
+        Field(
+            description=(
+                "URL written into Secrets when pods reach ZenML by another address. Default: url."
+            ),
+            **_URL_FIELD,
+        ),
+    ] = None
+    pro_api_url: Annotated[
+        str | None,
+        Field(
+            description=(
+                "ZenML Pro API URL (e.g. https://cloudapi.zenml.io), written into every"
+                " Secret of this server as ZENML_PRO_API_URL."
+            ),
+            **_URL_FIELD,
+        ),
+    ] = None
+    ca_bundle: Annotated[
+        str | None,
+        Field(
+            description=(
+                "PEM certificates of the CA that signed the server's certificate: the"
+                " operator trusts them, and Secrets carry them as ZENML_STORE_VERIFY_SSL."
+            ),
+            max_length=MAX_CA_BUNDLE,
+            json_schema_extra={
+                "x-kubernetes-validations": [
+                    cel(
+                        f"self.contains('{PEM_CERTIFICATE}')",
+                        f"caBundle must be PEM: it contains no '{PEM_CERTIFICATE}'",
+                    )
+                ]
+            },
+        ),
+    ] = None
+    credentials: Annotated[
+        ServerCredentials,
+        Field(description="The Secret the operator logs in with."),
+    ]
+
+    def url_for_secrets(self) -> str:
+        return self.secret_url or self.url
+
+
+class ZenMLServerSpec(_ServerSpecBase):
+    """A ZenML server, usable by ServiceAccounts of this namespace."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "!has(self.credentials.namespace)",
+                    "credentials.namespace is only for a ClusterZenMLServer: a ZenMLServer"
+                    " reads its Secret from its own namespace",
+                )
+            ]
+        }
+    )
+
+
+class ClusterZenMLServerSpec(_ServerSpecBase):
+    """A ZenML server, usable by ServiceAccounts of every namespace."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "has(self.credentials.namespace)",
+                    "a ClusterZenMLServer must name the namespace of its credentials Secret",
+                )
+            ]
+        }
+    )
+
+
+class ZenMLServerStatus(_Model):
+    """Observed state of a ZenMLServer or ClusterZenMLServer."""
+
+    model_config = ConfigDict(extra="allow")
+
+    observed_generation: int | None = None
+    url: str | None = None
+    # The ZenML account the operator logged in as.
+    identity: str | None = None
+    server_id: str | None = None
+    server_version: str | None = None
+    deployment_type: str | None = None
     conditions: Conditions = []
 
 

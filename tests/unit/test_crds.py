@@ -120,3 +120,99 @@ def test_name_is_immutable() -> None:
     assert any("immutable" in e for e in admit("ServiceAccount", {"name": "b"}, {"name": "a"}))
     assert any("immutable" in e for e in admit("ServiceAccount", {"name": "b"}, {}))
     assert any("immutable" in e for e in admit("ServiceAccount", {}, {"name": "a"}))
+
+
+PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+SERVER = {
+    "url": "https://zenml.example.com",
+    "secretUrl": "http://zenml.zenml.svc:8080/",
+    "proApiUrl": "https://cloudapi.zenml.io",
+    "caBundle": PEM,
+    "credentials": {"secretName": "zenml-admin"},
+}
+CLUSTER_SERVER = {**SERVER, "credentials": {"secretName": "zenml-admin", "namespace": "zenml"}}
+
+
+def test_server_kinds_are_scoped() -> None:
+    scopes = {c["spec"]["names"]["kind"]: c["spec"]["scope"] for c in all_crds().values()}
+    assert scopes["ZenMLServer"] == "Namespaced"
+    assert scopes["ClusterZenMLServer"] == "Cluster"
+
+
+def test_valid_server_specs_are_admitted() -> None:
+    assert admit("ZenMLServer", SERVER) == []
+    assert admit("ClusterZenMLServer", CLUSTER_SERVER) == []
+    minimal = {"url": "http://127.0.0.1:8080", "credentials": {"secretName": "s"}}
+    assert admit("ZenMLServer", minimal) == []
+
+
+@pytest.mark.parametrize(
+    ("kind", "spec", "fragment"),
+    [
+        ("ZenMLServer", {**SERVER, "url": "zenml.example.com"}, "does not match"),
+        ("ZenMLServer", {**SERVER, "url": "https://a b"}, "does not match"),
+        ("ZenMLServer", {**SERVER, "url": "https://x/?q=1"}, "does not match"),
+        ("ZenMLServer", {**SERVER, "secretUrl": "ftp://x"}, "does not match"),
+        ("ZenMLServer", {**SERVER, "proApiUrl": "cloudapi.zenml.io"}, "does not match"),
+        ("ZenMLServer", {**SERVER, "url": "https://x/" + "a" * 2048}, "longer than 2048"),
+        ("ZenMLServer", {k: v for k, v in SERVER.items() if k != "credentials"}, "required"),
+        ("ZenMLServer", {**SERVER, "credentials": {}}, "required"),
+        ("ZenMLServer", CLUSTER_SERVER, "only for a ClusterZenMLServer"),
+        ("ClusterZenMLServer", SERVER, "must name the namespace"),
+        ("ZenMLServer", {**SERVER, "caBundle": "not a certificate"}, "caBundle must be PEM"),
+        ("ZenMLServer", {**SERVER, "caBundle": "x" * 70000}, "longer than 65536"),
+        ("ZenMLServer", {**SERVER, "insecure": True}, "unknown field"),
+    ],
+)
+def test_bad_server_spec_is_rejected(kind: str, spec: dict, fragment: str) -> None:
+    errors = admit(kind, spec)
+    assert any(fragment in e for e in errors), errors
+
+
+@pytest.mark.parametrize("kind", ["ZenMLServer", "ClusterZenMLServer"])
+def test_server_defaults_pass_their_schema(kind: str) -> None:
+    assert default_errors(crd_schema(kind)) == []
+
+
+REF = {"kind": "ClusterZenMLServer", "name": "prod"}
+
+
+@pytest.mark.parametrize(
+    ("spec", "fragment"),
+    [
+        ({"serverRef": {"kind": "ZenmlServer", "name": "a"}}, "must be one of"),
+        ({"serverRef": {"kind": "ZenMLServer"}}, "required"),
+        ({"serverRef": {"kind": "ZenMLServer", "name": "a", "namespace": "b"}}, "not allowed"),
+        (
+            {
+                "apiKeys": [
+                    {"name": "a", "secretTemplate": {"keys": {"proApiUrl": "ZENML_STORE_URL"}}}
+                ]
+            },
+            "must differ",
+        ),
+        (
+            {
+                "apiKeys": [
+                    {"name": "a", "secretTemplate": {"keys": {"verifySsl": "X", "proApiUrl": "X"}}}
+                ]
+            },
+            "must differ",
+        ),
+    ],
+)
+def test_bad_server_ref_is_rejected(spec: dict, fragment: str) -> None:
+    errors = admit("ServiceAccount", spec)
+    assert any(fragment in e for e in errors), errors
+
+
+def test_server_ref_is_immutable() -> None:
+    assert admit("ServiceAccount", {"serverRef": REF}) == []
+    assert admit("ServiceAccount", {"serverRef": REF}, old_spec={"serverRef": REF}) == []
+    other = {**REF, "name": "dev"}
+    for new, old in (
+        ({"serverRef": other}, {"serverRef": REF}),
+        ({"serverRef": REF}, {}),
+        ({}, {"serverRef": REF}),
+    ):
+        assert any("serverRef is immutable" in e for e in admit("ServiceAccount", new, old))
