@@ -10,7 +10,14 @@ import re
 from collections.abc import Iterable
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 GROUP = "zenml.io"
@@ -101,6 +108,15 @@ class SecretKeys(_Model):
             max_length=253,
         ),
     ] = "ZENML_STORE_VERIFY_SSL"
+
+    @model_validator(mode="after")
+    def _keys_differ(self) -> SecretKeys:
+        # The CRD's CEL rule, repeated for where no API server checks it: two values under
+        # one data key would overwrite each other in the Secret.
+        names = [self.url, self.api_key, self.pro_api_url, self.verify_ssl]
+        if len(set(names)) != len(names):
+            raise ValueError("keys.url, keys.apiKey, keys.proApiUrl and keys.verifySsl must differ")
+        return self
 
 
 def _qualified_keys_rule(what: str) -> dict[str, str]:
@@ -214,19 +230,26 @@ class ApiKeySpec(_Model):
 DeletionPolicy = Literal["Delete", "Deactivate", "Retain"]
 
 
+SERVER_REF_NAMESPACE_MESSAGE = (
+    "serverRef.namespace is not allowed: a ZenMLServer can only be used from its own"
+    " namespace; use a ClusterZenMLServer to share a server across namespaces"
+)
+NAMESPACED_CREDENTIALS_MESSAGE = (
+    "credentials.namespace is only for a ClusterZenMLServer: a ZenMLServer reads its Secret"
+    " from its own namespace"
+)
+CLUSTER_CREDENTIALS_MESSAGE = (
+    "a ClusterZenMLServer must name the namespace of its credentials Secret"
+)
+CA_BUNDLE_MESSAGE = f"caBundle must be PEM: it contains no '{PEM_CERTIFICATE}'"
+
+
 class ServerRef(_Model):
     """The ZenMLServer or ClusterZenMLServer a ServiceAccount lives on."""
 
     model_config = ConfigDict(
         json_schema_extra={
-            "x-kubernetes-validations": [
-                cel(
-                    "!has(self.namespace)",
-                    "serverRef.namespace is not allowed: a ZenMLServer can only be used from"
-                    " its own namespace; use a ClusterZenMLServer to share a server across"
-                    " namespaces",
-                )
-            ]
+            "x-kubernetes-validations": [cel("!has(self.namespace)", SERVER_REF_NAMESPACE_MESSAGE)]
         }
     )
 
@@ -256,6 +279,13 @@ class ServerRef(_Model):
             max_length=63,
         ),
     ] = None
+
+    @model_validator(mode="after")
+    def _no_namespace(self) -> ServerRef:
+        # Repeated from the CRD's CEL rule for where no API server checks it.
+        if self.namespace is not None:
+            raise ValueError(SERVER_REF_NAMESPACE_MESSAGE)
+        return self
 
 
 class ServiceAccountSpec(_Model):
@@ -479,10 +509,7 @@ class _ServerSpecBase(_Model):
             max_length=MAX_CA_BUNDLE,
             json_schema_extra={
                 "x-kubernetes-validations": [
-                    cel(
-                        f"self.contains('{PEM_CERTIFICATE}')",
-                        f"caBundle must be PEM: it contains no '{PEM_CERTIFICATE}'",
-                    )
+                    cel(f"self.contains('{PEM_CERTIFICATE}')", CA_BUNDLE_MESSAGE)
                 ]
             },
         ),
@@ -491,6 +518,13 @@ class _ServerSpecBase(_Model):
         ServerCredentials,
         Field(description="The Secret the operator logs in with."),
     ]
+
+    @field_validator("ca_bundle")
+    @classmethod
+    def _ca_bundle_is_pem(cls, value: str | None) -> str | None:
+        if value is not None and PEM_CERTIFICATE not in value:
+            raise ValueError(CA_BUNDLE_MESSAGE)
+        return value
 
     def url_for_secrets(self) -> str:
         return self.secret_url or self.url
@@ -502,14 +536,16 @@ class ZenMLServerSpec(_ServerSpecBase):
     model_config = ConfigDict(
         json_schema_extra={
             "x-kubernetes-validations": [
-                cel(
-                    "!has(self.credentials.namespace)",
-                    "credentials.namespace is only for a ClusterZenMLServer: a ZenMLServer"
-                    " reads its Secret from its own namespace",
-                )
+                cel("!has(self.credentials.namespace)", NAMESPACED_CREDENTIALS_MESSAGE)
             ]
         }
     )
+
+    @model_validator(mode="after")
+    def _credentials_in_own_namespace(self) -> ZenMLServerSpec:
+        if self.credentials.namespace is not None:
+            raise ValueError(NAMESPACED_CREDENTIALS_MESSAGE)
+        return self
 
 
 class ClusterZenMLServerSpec(_ServerSpecBase):
@@ -518,13 +554,16 @@ class ClusterZenMLServerSpec(_ServerSpecBase):
     model_config = ConfigDict(
         json_schema_extra={
             "x-kubernetes-validations": [
-                cel(
-                    "has(self.credentials.namespace)",
-                    "a ClusterZenMLServer must name the namespace of its credentials Secret",
-                )
+                cel("has(self.credentials.namespace)", CLUSTER_CREDENTIALS_MESSAGE)
             ]
         }
     )
+
+    @model_validator(mode="after")
+    def _credentials_namespace_named(self) -> ClusterZenMLServerSpec:
+        if self.credentials.namespace is None:
+            raise ValueError(CLUSTER_CREDENTIALS_MESSAGE)
+        return self
 
 
 class ZenMLServerStatus(_Model):

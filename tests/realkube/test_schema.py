@@ -15,21 +15,26 @@ import pytest
 
 from realkube.conftest import GROUP_PATH, Installed, KubeError
 from reliability.test_bad_input import BAD_INPUT_CASES, BAD_UPDATE_CASES, BadInput, fill
+from zenml_operator.models import CLUSTER_ZENML_SERVERS, ZENML_SERVERS
 
-PLURALS = {"ServiceAccount": "serviceaccounts", "ApiKeyRotation": "apikeyrotations"}
+PLURALS = {
+    "ServiceAccount": "serviceaccounts",
+    "ApiKeyRotation": "apikeyrotations",
+    "ZenMLServer": ZENML_SERVERS,
+    "ClusterZenMLServer": CLUSTER_ZENML_SERVERS,
+}
+CLUSTER_SCOPED = {"ClusterZenMLServer"}
 NAMESPACE = "default"
 
 
 def _body(kind: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "apiVersion": "zenml.io/v1alpha1",
-        "kind": kind,
-        "metadata": {"name": name, "namespace": NAMESPACE},
-        "spec": spec,
-    }
+    metadata = {"name": name} if kind in CLUSTER_SCOPED else {"name": name, "namespace": NAMESPACE}
+    return {"apiVersion": "zenml.io/v1alpha1", "kind": kind, "metadata": metadata, "spec": spec}
 
 
 def _collection(kind: str) -> str:
+    if kind in CLUSTER_SCOPED:
+        return f"{GROUP_PATH}/{PLURALS[kind]}"
     return f"{GROUP_PATH}/namespaces/{NAMESPACE}/{PLURALS[kind]}"
 
 

@@ -49,17 +49,27 @@ from schema_tools import CelEvaluationError, admit, apply_defaults, crd_schema, 
 from zenml_operator.handlers.common import ReconcileProblem
 from zenml_operator.handlers.rotation import RotationReconciler
 from zenml_operator.handlers.service_account import parse_spec
+from zenml_operator.models import ClusterZenMLServerSpec, ZenMLServerSpec
 
 SA = "ServiceAccount"
 ROT = "ApiKeyRotation"
+ZS = "ZenMLServer"
+CZS = "ClusterZenMLServer"
+SERVER_KINDS = (ZS, CZS)
 GOOD_ROT = {"serviceAccountName": "x", "apiKeyName": "main", "period": "2h"}
+GOOD_SERVER = {"url": "https://zenml.example.com", "credentials": {"secretName": "zenml-admin"}}
+GOOD_CLUSTER_SERVER = {
+    "url": "https://zenml.example.com",
+    "credentials": {"secretName": "zenml-admin", "namespace": "zenml"},
+}
+GOOD_REF = {"kind": "ClusterZenMLServer", "name": "prod"}
 
 
 class BadInput(NamedTuple):
     """One bad input. Operator cases' specs hold placeholders filled at run time: `{name}`
     (the object's name), `{good}` (a good ServiceAccount's name), `{id}` (a unique suffix)."""
 
-    kind: str  # "ServiceAccount" | "ApiKeyRotation"
+    kind: str  # "ServiceAccount" | "ApiKeyRotation" | "ZenMLServer" | "ClusterZenMLServer"
     name: str  # the case's name
     spec: dict[str, Any]
     layer: str  # "schema" | "cel" | "operator"
@@ -83,6 +93,14 @@ def rot(**fields: Any) -> dict[str, Any]:
 
 def drop(spec: dict[str, Any], field: str) -> dict[str, Any]:
     return {k: v for k, v in spec.items() if k != field}
+
+
+def server(**fields: Any) -> dict[str, Any]:
+    return {**GOOD_SERVER, **fields}
+
+
+def cluster_server(**fields: Any) -> dict[str, Any]:
+    return {**GOOD_CLUSTER_SERVER, **fields}
 
 
 def template(**template: Any) -> dict[str, Any]:
@@ -219,6 +237,83 @@ _REFUSED: list[tuple[str, str, dict[str, Any], str, str]] = [
         "more than 32",
     ),
     ("suspend-string", ROT, rot(suspend="false"), "schema", "must be boolean"),
+    # ServiceAccount: spec.serverRef
+    (
+        "server-ref-kind-typo",
+        SA,
+        {"serverRef": {"kind": "ZenmlServer", "name": "prod"}},
+        "schema",
+        "must be one of",
+    ),
+    ("server-ref-name-missing", SA, {"serverRef": {"kind": ZS}}, "schema", "required"),
+    ("server-ref-name-path", SA, {"serverRef": {**GOOD_REF, "name": "a/b"}}, "schema", "match"),
+    # team A naming team B's server (and credentials)
+    (
+        "server-ref-with-namespace",
+        SA,
+        {"serverRef": {"kind": ZS, "name": "dev", "namespace": "team-b"}},
+        "cel",
+        "serverRef.namespace is not allowed",
+    ),
+    # data keys a server adds, under the name of another data key
+    (
+        "data-key-pro-api-url-is-url",
+        SA,
+        template(keys={"proApiUrl": "ZENML_STORE_URL"}),
+        "cel",
+        "must differ",
+    ),
+    (
+        "data-key-verify-ssl-is-api-key",
+        SA,
+        template(keys={"verifySsl": "ZENML_STORE_API_KEY"}),
+        "cel",
+        "must differ",
+    ),
+    ("data-key-pro-api-url-invalid", SA, template(keys={"proApiUrl": "a b"}), "schema", "match"),
+    # ZenMLServer / ClusterZenMLServer
+    ("server-url-no-scheme", ZS, server(url="zenml.example.com"), "schema", "does not match"),
+    ("server-url-other-scheme", ZS, server(url="ftp://zenml.example.com"), "schema", "match"),
+    ("server-url-with-query", ZS, server(url="https://z.example.com/?a=b"), "schema", "match"),
+    ("server-url-with-space", ZS, server(url="https://z example.com"), "schema", "match"),
+    ("server-url-empty", ZS, server(url=""), "schema", "does not match"),
+    ("server-url-huge", ZS, server(url="https://z/" + "a" * 2048), "schema", "longer than 2048"),
+    ("server-url-missing", ZS, drop(GOOD_SERVER, "url"), "schema", "required"),
+    ("server-secret-url-bad", ZS, server(secretUrl="zenml:8080"), "schema", "does not match"),
+    ("server-pro-api-url-bad", ZS, server(proApiUrl="cloudapi.zenml.io"), "schema", "match"),
+    ("server-credentials-missing", ZS, drop(GOOD_SERVER, "credentials"), "schema", "required"),
+    ("server-credentials-empty", ZS, server(credentials={}), "schema", "required"),
+    (
+        "server-credentials-secret-name-upper",
+        ZS,
+        server(credentials={"secretName": "Admin"}),
+        "schema",
+        "does not match",
+    ),
+    (
+        "server-credentials-with-namespace",
+        ZS,
+        server(credentials={"secretName": "zenml-admin", "namespace": "zenml"}),
+        "cel",
+        "only for a ClusterZenMLServer",
+    ),
+    (
+        "cluster-server-credentials-without-namespace",
+        CZS,
+        cluster_server(credentials={"secretName": "zenml-admin"}),
+        "cel",
+        "must name the namespace",
+    ),
+    ("server-ca-bundle-not-pem", ZS, server(caBundle="not a certificate"), "cel", "must be PEM"),
+    (
+        "server-ca-bundle-huge",
+        ZS,
+        server(caBundle="-----BEGIN CERTIFICATE-----" + "A" * 70000),
+        "schema",
+        "longer than 65536",
+    ),
+    ("server-tls-skip-field", ZS, server(insecureSkipVerify=True), "schema", "unknown field"),
+    ("cluster-server-url-bad", CZS, cluster_server(url="//zenml"), "schema", "does not match"),
 ]
 
 # (case, kind, spec, reason): what only the running operator can tell (the schema admits it).
@@ -307,18 +402,46 @@ BAD_INPUT_CASES: list[BadInput] = [
 BAD_UPDATE_CASES: list[BadUpdate] = [
     BadUpdate(SA, "sa-name-renamed", {"name": "a"}, {"name": "b"}, "cel", None),
     BadUpdate(SA, "sa-name-removed", {"name": "a"}, {}, "cel", None),
+    BadUpdate(
+        SA,
+        "server-ref-changed",
+        {"serverRef": GOOD_REF},
+        {"serverRef": {**GOOD_REF, "name": "dev"}},
+        "cel",
+        None,
+    ),
+    BadUpdate(
+        SA,
+        "server-ref-kind-changed",
+        {"serverRef": {"kind": ZS, "name": "prod"}},
+        {"serverRef": GOOD_REF},
+        "cel",
+        None,
+    ),
+    BadUpdate(SA, "server-ref-added", {}, {"serverRef": GOOD_REF}, "cel", None),
+    BadUpdate(SA, "server-ref-removed", {"serverRef": GOOD_REF}, {}, "cel", None),
 ]
 
 # The fragment each schema/CEL refusal must contain (it is refused for its own defect).
 ERRORS: dict[str, str] = {name: fragment for name, _, _, _, fragment in _REFUSED}
 ERRORS.update({"sa-name-renamed": "immutable", "sa-name-removed": "immutable"})
+ERRORS.update(
+    {
+        name: "spec.serverRef is immutable"
+        for name in (
+            "server-ref-changed",
+            "server-ref-kind-changed",
+            "server-ref-added",
+            "server-ref-removed",
+        )
+    }
+)
 
 # Schema/CEL cases the operator's own parsing accepts when no API server enforces the schema,
 # and why. Every other one must end Ready=False InvalidSpec.
 BYPASS_ACCEPTED: dict[str, str] = {
     "key-name-duplicate": "the model does not check apiKeys[].name uniqueness (the list-map does)",
     "secret-name-duplicate": "the model does not check secretName uniqueness (a CEL rule does)",
-    "data-keys-equal": "the model does not compare keys.url and keys.apiKey (a CEL rule does)",
     "active-string": "pydantic's lax mode reads 'yes' as true",
     "adopt-number": "pydantic's lax mode reads 1 as true",
     "suspend-string": "pydantic's lax mode reads 'false' as false",
@@ -329,9 +452,13 @@ BYPASS_ACCEPTED: dict[str, str] = {
 # Refused by the operator's parsing, but not applied to the running operator: a 1 MB spec is
 # copied into every watch event and Kopf's last-handled annotation and only slows the test.
 BYPASS_NOT_APPLIED = {"description-1mb"}
+# ZenMLServer and ClusterZenMLServer cases: refused by the operator's parsing (checked by
+# test_operator_parsing_refuses_what_the_table_says), not yet applied to the running
+# operator here (its Ready=False InvalidSpec on server objects: the server tests).
+SERVER_CASES = {c for c, kind, *_ in _REFUSED if kind in SERVER_KINDS}
 
 # The figures the README quotes.
-EXPECTED_COUNTS = {"schema": 44, "cel": 11, "operator": 14, "update": 2}
+EXPECTED_COUNTS = {"schema": 63, "cel": 17, "operator": 14, "update": 6}
 
 
 def layer_counts() -> Counter[str]:
@@ -441,6 +568,13 @@ def test_good_specs_are_admitted() -> None:
     assert admit(ROT, GOOD_ROT) == []
     assert admit(SA, {"apiKeys": [{"name": "a", "secretName": "s"}]}) == []
     assert admit(SA, template(labels={"team": "ml"}, annotations={"example.com/x": "y"})) == []
+    assert admit(SA, {"serverRef": GOOD_REF}) == []
+    assert admit(SA, {"serverRef": GOOD_REF}, {"serverRef": GOOD_REF}) == []
+    assert admit(ZS, GOOD_SERVER) == []
+    assert admit(CZS, GOOD_CLUSTER_SERVER) == []
+    pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+    full = {"secretUrl": "http://zenml.zenml:8080", "proApiUrl": "https://cloudapi.zenml.io"}
+    assert admit(ZS, server(caBundle=pem, **full)) == []
 
 
 def operator_refuses(kind: str, spec: dict[str, Any]) -> bool:
@@ -449,6 +583,10 @@ def operator_refuses(kind: str, spec: dict[str, Any]) -> bool:
     try:
         if kind == SA:
             parse_spec(body)
+        elif kind == ZS:
+            ZenMLServerSpec.model_validate(body["spec"])
+        elif kind == CZS:
+            ClusterZenMLServerSpec.model_validate(body["spec"])
         else:
             RotationReconciler(body, None).parse_spec()  # type: ignore[arg-type]
     except ReconcileProblem:
@@ -675,7 +813,8 @@ async def test_operator_refuses_schema_violations_by_itself(
     cases = [
         c
         for c in BAD_INPUT_CASES
-        if c.layer != "operator" and c.name not in {*BYPASS_ACCEPTED, *BYPASS_NOT_APPLIED}
+        if c.layer != "operator"
+        and c.name not in {*BYPASS_ACCEPTED, *BYPASS_NOT_APPLIED, *SERVER_CASES}
     ]
     expected = {}
     for case in cases:
@@ -691,7 +830,7 @@ async def test_operator_refuses_schema_violations_by_itself(
     secrets = (await cluster.get(SECRET_LIST.format(ns=NS)))["items"]
     assert [s for s in secrets if s["metadata"]["name"].startswith("raw-")] == []
     refused = len(BAD_INPUT_CASES) - EXPECTED_COUNTS["operator"] - len(BYPASS_ACCEPTED)
-    assert len(expected) + len(BYPASS_NOT_APPLIED) == refused
+    assert len(expected) + len(BYPASS_NOT_APPLIED) + len(SERVER_CASES) == refused
     REPORTED["bypass"] = len(expected)
 
 
