@@ -6,6 +6,8 @@ fresh, cookie-less client per call, so no other identity's session can leak into
 
 from __future__ import annotations
 
+import ssl
+
 import httpx
 
 from zenml_operator.zenml_api.connection import no_cookie_jar, token_from
@@ -18,14 +20,20 @@ from zenml_operator.zenml_api.errors import (
 from zenml_operator.zenml_api.routes import API_PREFIX
 
 
-async def login_with_api_key(url: str, api_key: str, *, timeout: float = 10.0) -> str:
+async def login_with_api_key(
+    url: str, api_key: str, *, timeout: float = 10.0, verify: ssl.SSLContext | bool = True
+) -> str:
     """Log in with an API key on a fresh, cookie-less client; return the access token.
 
-    Raises UnauthorizedError on 401/403; no message holds the key value.
+    `verify`: the TLS trust for an https URL (e.g. `ZenMLServer.verify()` of a server with
+    a private CA). Raises UnauthorizedError on 401/403; no message holds the key value.
     """
     path = f"{API_PREFIX}/login"
     async with httpx.AsyncClient(
-        base_url=url.rstrip("/"), timeout=httpx.Timeout(timeout), cookies=no_cookie_jar()
+        base_url=url.rstrip("/"),
+        timeout=httpx.Timeout(timeout),
+        cookies=no_cookie_jar(),
+        verify=verify,
     ) as http:
         try:
             response = await http.post(path, data={"password": api_key})

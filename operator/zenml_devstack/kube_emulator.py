@@ -211,7 +211,7 @@ class ClusterEmulator(kmock.KubernetesEmulator):
 
     async def _serve_fetch(self, request: kmock.Request) -> rendering.Payload:
         try:
-            res = self._require_resource(request.resource)
+            res = self._require_resource(request.resource, request.namespace)
             obj = self.get_object(res, request.namespace, _require_name(request))
             if obj is None:
                 raise _not_found(res, request.name)
@@ -223,7 +223,7 @@ class ClusterEmulator(kmock.KubernetesEmulator):
 
     async def _serve_list(self, request: kmock.Request) -> rendering.Payload:
         try:
-            res = self._require_resource(request.resource)
+            res = self._require_resource(request.resource, request.namespace)
             selector = _Selector.from_params(request.params)
             items = [
                 obj
@@ -246,7 +246,7 @@ class ClusterEmulator(kmock.KubernetesEmulator):
 
     async def _serve_watch(self, request: kmock.Request) -> rendering.Payload:
         try:
-            res = self._require_resource(request.resource)
+            res = self._require_resource(request.resource, request.namespace)
             selector = _Selector.from_params(request.params, name=request.name)
             since = _parse_rv(request.params.get("resourceVersion"))
         except ApiError as e:
@@ -264,7 +264,7 @@ class ClusterEmulator(kmock.KubernetesEmulator):
 
     async def _serve_create(self, request: kmock.Request) -> rendering.Payload:
         try:
-            res = self._require_resource(request.resource)
+            res = self._require_resource(request.resource, request.namespace)
             obj = self.create_object(res, request.data, namespace=request.namespace, from_url=True)
             return kmock.Response(status=201, payload=obj)
         except ApiError as e:
@@ -272,7 +272,7 @@ class ClusterEmulator(kmock.KubernetesEmulator):
 
     async def _serve_update(self, request: kmock.Request) -> rendering.Payload:
         try:
-            res = self._require_resource(request.resource)
+            res = self._require_resource(request.resource, request.namespace)
             name = _require_name(request)
             old = self.get_object(res, request.namespace, name)
             if old is None:
@@ -287,7 +287,7 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         if request.resource is None or request.name is None:
             raise NotImplementedError  # not an object URL: let other reactions answer
         try:
-            res = self._require_resource(request.resource)
+            res = self._require_resource(request.resource, request.namespace)
             name = request.name
             old = self.get_object(res, request.namespace, name)
             if old is None:
@@ -312,7 +312,7 @@ class ClusterEmulator(kmock.KubernetesEmulator):
 
     async def _serve_delete(self, request: kmock.Request) -> rendering.Payload:
         try:
-            res = self._require_resource(request.resource)
+            res = self._require_resource(request.resource, request.namespace)
             name = _require_name(request)
             options = request.data if isinstance(request.data, dict) else {}
             obj = self.delete_object(
@@ -684,8 +684,14 @@ class ClusterEmulator(kmock.KubernetesEmulator):
     def _namespace_exists(self, namespace: str) -> bool:
         return self._stored(NAMESPACES, None, namespace) is not None
 
-    def _require_resource(self, resource: kmock.resource | None) -> kmock.resource:
+    def _require_resource(
+        self, resource: kmock.resource | None, namespace: str | None = None
+    ) -> kmock.resource:
         if resource is None or resource not in self._get_resources():
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        info = self._info(resource)
+        if namespace is not None and info is not None and info.namespaced is False:
+            # A cluster-scoped kind has no URLs under /namespaces/NS/ on a real API server.
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
         return resource
 
@@ -1002,10 +1008,13 @@ _BUILTIN_RESOURCES: tuple[tuple[str, str, bool, frozenset[str]], ...] = (
     ),
 )
 
-# The operator's own resources, used when no parsed CRD manifests are given.
-_DEFAULT_CRDS: tuple[tuple[str, str, str], ...] = (
-    ("zenml.io/v1alpha1/serviceaccounts", "ServiceAccount", "serviceaccount"),
-    ("zenml.io/v1alpha1/apikeyrotations", "ApiKeyRotation", "apikeyrotation"),
+# The operator's own resources, used when no parsed CRD manifests are given:
+# (resource, kind, singular, namespaced).
+_DEFAULT_CRDS: tuple[tuple[str, str, str, bool], ...] = (
+    ("zenml.io/v1alpha1/serviceaccounts", "ServiceAccount", "serviceaccount", True),
+    ("zenml.io/v1alpha1/apikeyrotations", "ApiKeyRotation", "apikeyrotation", True),
+    ("zenml.io/v1alpha1/zenmlservers", "ZenMLServer", "zenmlserver", True),
+    ("zenml.io/v1alpha1/clusterzenmlservers", "ClusterZenMLServer", "clusterzenmlserver", False),
 )
 
 
@@ -1016,7 +1025,8 @@ def declare_resources(
 
     `crds` are parsed ``apiextensions.k8s.io/v1`` CustomResourceDefinition manifests; their
     served versions are declared and the manifests stored as objects. Without them, the
-    ``zenml.io/v1alpha1`` ServiceAccount and ApiKeyRotation resources are declared as constants.
+    ``zenml.io/v1alpha1`` resources are declared as constants: ServiceAccount, ApiKeyRotation
+    and ZenMLServer (namespaced) and ClusterZenMLServer (cluster-scoped).
     """
     for path, kind, namespaced, subresources in _BUILTIN_RESOURCES:
         emulator.resources[path] = kmock.ResourceInfo(
@@ -1027,11 +1037,11 @@ def declare_resources(
             subresources=subresources,
         )
     if crds is None:
-        for path, kind, singular in _DEFAULT_CRDS:
+        for path, kind, singular, namespaced in _DEFAULT_CRDS:
             emulator.resources[path] = kmock.ResourceInfo(
                 kind=kind,
                 singular=singular,
-                namespaced=True,
+                namespaced=namespaced,
                 verbs=ALL_VERBS,
                 subresources={"status"},
             )

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import socket
 import sqlite3
+import ssl
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -82,24 +84,48 @@ def _persistent_secret(data_dir: Path, name: str) -> str:
 @dataclass
 class ZenMLServer:
     url: str
-    admin_password: str
+    admin_password: str = field(repr=False)
     data_dir: Path
     process: subprocess.Popen[bytes]
     log_path: Path
+    # Served over TLS: the CA certificate (PEM file) its serving certificate chains to.
+    ca_file: Path | None = None
 
     @property
     def db_path(self) -> Path:
         return self.data_dir / "zenml.db"
 
+    @property
+    def ca_pem(self) -> str | None:
+        """The CA certificate (PEM text) clients must trust, or None for plain HTTP."""
+        return self.ca_file.read_text() if self.ca_file is not None else None
+
+    def verify(self) -> ssl.SSLContext | bool:
+        """What an httpx client's `verify` needs to reach this server."""
+        if self.ca_file is None:
+            return True
+        return ssl.create_default_context(cafile=str(self.ca_file))
+
     def stop(self) -> None:
         if self.process.poll() is not None:
             return
+        self.resume()  # a paused (SIGSTOP) process would not act on SIGTERM
         self.process.terminate()
         try:
             self.process.wait(timeout=15)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(timeout=15)
+
+    def pause(self) -> None:
+        """SIGSTOP: the server hangs (connections are accepted, never answered), as a
+        stalled or partitioned server does. `resume` undoes it."""
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGCONT)
 
     def grant_admin(self, account_name: str) -> None:
         """TEST/DEMO ONLY: make a service account a server admin.
@@ -125,13 +151,25 @@ def start_zenml_server(
     port: int | None = None,
     python: str | None = None,
     ready_timeout: float = 120.0,
+    ssl_certfile: Path | None = None,
+    ssl_keyfile: Path | None = None,
+    ca_file: Path | None = None,
 ) -> ZenMLServer:
-    """Start `uvicorn zenml.zen_server.zen_server_api:app` on loopback and wait for it."""
+    """Start `uvicorn zenml.zen_server.zen_server_api:app` on loopback and wait for it.
+
+    With `ssl_certfile` and `ssl_keyfile` it serves HTTPS (uvicorn's own TLS); `ca_file`
+    is the CA that certificate chains to, trusted by the readiness wait and the helpers.
+    """
+    if (ssl_certfile is None) != (ssl_keyfile is None):
+        raise ValueError("ssl_certfile and ssl_keyfile go together")
+    if ssl_certfile is not None and ca_file is None:
+        raise ValueError("a TLS server needs the ca_file its certificate chains to")
     data_dir = Path(data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     python = python or find_zenml_python()
     port = port or _free_port()
-    url = f"http://127.0.0.1:{port}"
+    scheme = "https" if ssl_certfile is not None else "http"
+    url = f"{scheme}://127.0.0.1:{port}"
     admin_password = _persistent_secret(data_dir, "admin_password")
 
     # Drop inherited ZENML_* (e.g. the operator's own ZENML_STORE_API_KEY) and Python
@@ -164,16 +202,17 @@ def start_zenml_server(
         "--port",
         str(port),
     ]
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            command,
-            cwd=data_dir,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    server = ZenMLServer(url, admin_password, data_dir, process, log_path)
+    if ssl_certfile is not None and ssl_keyfile is not None:
+        command += ["--ssl-certfile", str(ssl_certfile), "--ssl-keyfile", str(ssl_keyfile)]
+    process = _spawn(command, env, data_dir, log_path)
+    server = ZenMLServer(
+        url,
+        admin_password,
+        data_dir,
+        process,
+        log_path,
+        ca_file=Path(ca_file).resolve() if ca_file is not None else None,
+    )
     try:
         _wait_ready(server, ready_timeout)
     except BaseException:
@@ -182,9 +221,23 @@ def start_zenml_server(
     return server
 
 
+def _spawn(
+    command: list[str], env: dict[str, str], cwd: Path, log_path: Path
+) -> subprocess.Popen[bytes]:
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            command,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
 def _wait_ready(server: ZenMLServer, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    with httpx.Client(timeout=2.0, cookies=no_cookie_jar()) as http:
+    with httpx.Client(timeout=2.0, cookies=no_cookie_jar(), verify=server.verify()) as http:
         while True:
             code = server.process.poll()
             if code is not None:
@@ -206,16 +259,21 @@ def _wait_ready(server: ZenMLServer, timeout: float) -> None:
 
 
 def create_service_account_with_key(
-    server_url: str, admin_password: str, account_name: str, key_name: str = "default"
+    server_url: str,
+    admin_password: str,
+    account_name: str,
+    key_name: str = "default",
+    *,
+    verify: ssl.SSLContext | bool = True,
 ) -> str:
     """As the `default` admin user: create a service account (or reuse one of that name)
-    and an API key for it; return the key value.
+    and an API key for it; return the key value. `verify`: see `ZenMLServer.verify`.
 
     On ZenML OSS the account is NOT an admin, so its key cannot manage service accounts;
     see ZenMLServer.grant_admin.
     """
     base = server_url.rstrip("/")
-    with httpx.Client(base_url=base, timeout=30.0, cookies=no_cookie_jar()) as http:
+    with httpx.Client(base_url=base, timeout=30.0, cookies=no_cookie_jar(), verify=verify) as http:
         login = http.post(
             f"{API_PREFIX}/login", data={"username": _DEFAULT_USER, "password": admin_password}
         )

@@ -316,6 +316,161 @@ async def test_injected_failure_leaves_the_state_unchanged(cluster: Cluster) -> 
     assert after is not None and after["spec"] == {"description": "a"}
 
 
+# --- a cluster-scoped kind (ClusterZenMLServer) ------------------------------------------------
+
+CZS = "zenml.io/v1alpha1/clusterzenmlservers"
+CZS_LIST = api_path(CZS)
+
+
+def czs_path(name: str, subresource: str | None = None) -> str:
+    return api_path(CZS, name=name, subresource=subresource)
+
+
+def czs_body(name: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "zenml.io/v1alpha1",
+        "kind": "ClusterZenMLServer",
+        "metadata": {"name": name},
+        "spec": spec or {"url": "https://zenml.example.com"},
+    }
+
+
+async def test_cluster_scoped_kind_is_discovered_as_such(cluster: Cluster) -> None:
+    group = await cluster.get("/apis/zenml.io/v1alpha1")
+    assert group is not None
+    scopes = {r["name"]: r["namespaced"] for r in group["resources"] if "/" not in r["name"]}
+    assert scopes["clusterzenmlservers"] is False
+    assert scopes["zenmlservers"] is True and scopes["serviceaccounts"] is True
+    kinds = {r["name"]: r["kind"] for r in group["resources"]}
+    assert kinds["clusterzenmlservers"] == "ClusterZenMLServer"
+    assert kinds["zenmlservers/status"] == "ZenMLServer"
+    assert "clusterzenmlservers/status" in kinds
+
+
+async def test_cluster_scoped_objects_live_outside_namespaces(cluster: Cluster) -> None:
+    created = await cluster.create(CZS_LIST, czs_body("prod"))
+    meta = created["metadata"]
+    assert "namespace" not in meta
+    assert meta["uid"] and meta["generation"] == 1 and meta["resourceVersion"]
+    assert created["kind"] == "ClusterZenMLServer"
+    assert await cluster.get(czs_path("prod")) == created
+    listing = await cluster.get(CZS_LIST)
+    assert listing is not None and listing["kind"] == "ClusterZenMLServerList"
+    assert [item["metadata"]["name"] for item in listing["items"]] == ["prod"]
+    assert (await cluster.request("POST", CZS_LIST, json=czs_body("prod"))).status_code == 409
+
+    # A namespace in the body is dropped (as the API server does for cluster-scoped kinds),
+    # and no URL under /namespaces/ serves the kind.
+    body = czs_body("dev")
+    body["metadata"]["namespace"] = "team-a"
+    assert "namespace" not in (await cluster.create(CZS_LIST, body))["metadata"]
+    namespaced_list = api_path(CZS, namespace="team-a")
+    assert (await cluster.request("GET", namespaced_list)).status_code == 404
+    assert (await cluster.request("POST", namespaced_list, json=czs_body("x"))).status_code == 404
+    namespaced = api_path(CZS, namespace="team-a", name="prod")
+    assert (await cluster.request("GET", namespaced)).status_code == 404
+    assert (await cluster.request("DELETE", namespaced)).status_code == 404
+    assert await cluster.get(czs_path("prod")) is not None
+
+    # The namespaced ZenMLServer is the other way round.
+    zs_list = api_path("zenml.io/v1alpha1/zenmlservers", namespace="team-a")
+    zs = await cluster.create(zs_list, {"metadata": {"name": "prod"}, "spec": {"url": "u"}})
+    assert zs["metadata"]["namespace"] == "team-a" and zs["kind"] == "ZenMLServer"
+    refused = await cluster.request(
+        "POST", api_path("zenml.io/v1alpha1/zenmlservers"), json={"metadata": {"name": "x"}}
+    )
+    assert refused.status_code == 404
+
+
+async def test_cluster_scoped_status_subresource(cluster: Cluster) -> None:
+    await cluster.create(CZS_LIST, czs_body("prod"))
+    via_status = await cluster.patch(
+        czs_path("prod", "status"),
+        {"status": {"conditions": [{"type": "Ready"}]}, "spec": {"url": "hacked"}},
+    )
+    assert via_status["status"] == {"conditions": [{"type": "Ready"}]}
+    assert via_status["spec"] == {"url": "https://zenml.example.com"}
+    assert via_status["metadata"]["generation"] == 1
+    via_main = await cluster.patch(czs_path("prod"), {"spec": {"url": "b"}, "status": None})
+    assert via_main["status"] == {"conditions": [{"type": "Ready"}]}
+    assert via_main["metadata"]["generation"] == 2
+
+
+async def test_cluster_scoped_watch_and_deletion_with_finalizers(cluster: Cluster) -> None:
+    body = czs_body("prod")
+    body["metadata"]["finalizers"] = ["x/y"]
+    created = await cluster.create(CZS_LIST, body)
+    since = created["metadata"]["resourceVersion"]
+    await cluster.create(SA_LIST, sa_body("not-a-server"))  # another kind: never sent
+
+    marked = await cluster.delete(czs_path("prod"))
+    assert marked is not None and marked["metadata"]["deletionTimestamp"]
+    assert await cluster.get(czs_path("prod")) is not None  # held by the finalizer
+    await cluster.patch(czs_path("prod"), {"metadata": {"finalizers": None}})
+    assert await cluster.get(czs_path("prod")) is None
+
+    events = await watch_events(cluster, CZS_LIST, resourceVersion=since)
+    assert [(e["type"], e["object"]["metadata"]["name"]) for e in events] == [
+        ("MODIFIED", "prod"),
+        ("DELETED", "prod"),
+    ]
+    # A watch of one object by name (what a reader of one server resource does).
+    await cluster.create(CZS_LIST, czs_body("dev"))
+    await cluster.create(CZS_LIST, czs_body("other"))
+    named = await watch_events(cluster, CZS_LIST, fieldSelector="metadata.name=dev", count=1)
+    assert [(e["type"], e["object"]["metadata"]["name"]) for e in named] == [("ADDED", "dev")]
+
+
+async def test_kopf_handles_a_cluster_scoped_kind_beside_namespaced_ones(
+    cluster: Cluster, kopf_operator: OperatorFactory
+) -> None:
+    """Kopf with exact namespaces still serves a cluster-scoped kind: create, status, and a
+    deletion held by its finalizer until the delete handler returns."""
+    registry = kopf.OperatorRegistry()
+    release = asyncio.Event()
+    seen: dict[str, list[str]] = {"create": [], "refused": [], "delete": [], "ns-create": []}
+
+    @kopf.on.create("zenml.io", "v1alpha1", "clusterzenmlservers", registry=registry)
+    async def created(name: str, namespace: str | None, patch: kopf.Patch, **_: Any) -> None:
+        assert namespace is None
+        seen["create"].append(name)
+        patch.status["phase"] = "Ready"
+
+    @kopf.on.delete("zenml.io", "v1alpha1", "clusterzenmlservers", registry=registry)
+    async def deleted(name: str, **_: Any) -> None:
+        if not release.is_set():
+            seen["refused"].append(name)
+            raise kopf.TemporaryError("still in use", delay=0.05)
+        seen["delete"].append(name)
+
+    @kopf.on.create("zenml.io", "v1alpha1", "zenmlservers", registry=registry)
+    async def ns_created(name: str, namespace: str, **_: Any) -> None:
+        seen["ns-create"].append(f"{namespace}/{name}")
+
+    await kopf_operator(registry)
+    await cluster.create(CZS_LIST, czs_body("prod"))
+    await cluster.create(
+        api_path("zenml.io/v1alpha1/zenmlservers", namespace="team-a"),
+        {"metadata": {"name": "team"}, "spec": {"url": "u"}},
+    )
+
+    async def phase() -> str | None:
+        return ((await cluster.get(czs_path("prod"))) or {}).get("status", {}).get("phase")
+
+    assert await cluster.wait_for(phase, message="the status of the cluster-scoped object")
+    await cluster.wait_for(lambda: seen["ns-create"] == ["team-a/team"], message="ZenMLServer")
+    obj = await cluster.get(czs_path("prod"))
+    assert obj is not None and obj["metadata"].get("finalizers")  # Kopf's own
+
+    await cluster.delete(czs_path("prod"))
+
+    await cluster.wait_for(lambda: len(seen["refused"]) >= 2, message="delete handler retries")
+    assert await cluster.get(czs_path("prod")) is not None  # held
+    release.set()
+    await cluster.wait_for(lambda: _gone(cluster, czs_path("prod")), message="the deletion")
+    assert seen["create"] == ["prod"] and seen["delete"] == ["prod"]
+
+
 # --- a tiny Kopf operator end to end ---------------------------------------------------------
 
 
