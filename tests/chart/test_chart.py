@@ -48,7 +48,7 @@ NAMESPACE = "zenml-system"
 MIN_KUBE = "1.28.0"  # Chart.yaml kubeVersion
 KUBE_VERSIONS = [MIN_KUBE, kubernetes_validate.utils.latest_version()]
 # Kinds that kubernetes-validate has no schema for; checked by hand below.
-CUSTOM_KINDS = {"ServiceMonitor", "ClusterKopfPeering", "KopfPeering"}
+CUSTOM_KINDS = {"ServiceMonitor", "ClusterKopfPeering", "KopfPeering", "ClusterZenMLServer"}
 
 BASE: dict[str, Any] = {
     "zenml": {
@@ -76,6 +76,12 @@ OPERATOR_RULES: dict[tuple[str, str], set[str]] = {
     # OwnerReferencesPermissionEnforcement admission plugin (OpenShift; the real-apiserver
     # tier enables it) allows only with update on the owner's finalizers.
     ("zenml.io", "serviceaccounts/finalizers"): {"update"},
+    # ZenMLServer (issue #13, servers.py): watched like the other kinds, held by a finalizer
+    # while ServiceAccounts use it, its status (Ready, identity, version) written; finalizers
+    # for objects it owns, as for serviceaccounts above.
+    ("zenml.io", "zenmlservers"): {"get", "list", "watch", "patch"},
+    ("zenml.io", "zenmlservers/status"): {"patch"},
+    ("zenml.io", "zenmlservers/finalizers"): {"update"},
     # kube.KubeClient.get_secret / create_secret / patch_secret / delete_secret
     # (handlers/service_account.py: ensure_key, write_value, remove_key, finalize).
     # list/watch: kube.KubeClient.list_secrets / watch_secrets (secret_watch.SecretWatch,
@@ -90,6 +96,18 @@ OPERATOR_RULES: dict[tuple[str, str], set[str]] = {
     ("apps", "statefulsets"): {"get", "patch"},
     ("apps", "daemonsets"): {"get", "patch"},
 }
+# ClusterZenMLServer is cluster-scoped: a ClusterRole grants it in every mode (the same use
+# as zenmlservers above).
+CLUSTER_SERVER_RULES = {
+    ("zenml.io", "clusterzenmlservers"): {"get", "list", "watch", "patch"},
+    ("zenml.io", "clusterzenmlservers/status"): {"patch"},
+    ("zenml.io", "clusterzenmlservers/finalizers"): {"update"},
+}
+CLUSTER_RULES = OPERATOR_RULES | CLUSTER_SERVER_RULES
+# rbac.scope=namespaced: the Secrets of ClusterZenMLServer credentials in the release
+# namespace and serverCredentialNamespaces (when not watched): read, and watched by name so
+# that a credential changed in place is picked up without a restart. Never written.
+CREDENTIAL_RULES = {("", "secrets"): {"get", "list", "watch"}}
 # Kopf's resource observer watches CRDs (kopf/_core/reactor/observation.py,
 # resource_observer) in every mode; with --all-namespaces it does NOT list namespaces
 # (namespace_observer skips them when clusterwide), with --namespace it lists and watches
@@ -139,6 +157,25 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     ),
     "password": merged(BASE, {"zenml": {"credential": "password"}}),
     "api-key-env": merged(BASE, {"zenml": {"apiKeyAsFile": False}}),
+    "default-server": merged(
+        BASE,
+        {
+            "defaultServer": {
+                "create": True,
+                "proApiUrl": "https://cloudapi.zenml.io",
+                "caBundle": "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+            },
+            "serverCredentialNamespaces": ["zenml-creds", NAMESPACE],
+        },
+    ),
+    "namespaced-credential-namespaces": merged(
+        BASE,
+        {
+            "rbac": {"scope": "namespaced"},
+            "watchNamespaces": ["a", "b"],
+            "serverCredentialNamespaces": ["zenml-creds", "a"],
+        },
+    ),
     "servicemonitor": merged(
         BASE, {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}}
     ),
@@ -206,6 +243,15 @@ def env_of(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {e["name"]: e for e in container(docs).get("env", [])}
 
 
+def watched_roles(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The Roles of the watched namespaces (not the credential namespaces' Roles)."""
+    return [r for r in by_kind(docs, "Role") if r["metadata"]["name"] == RELEASE]
+
+
+def credential_roles(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in by_kind(docs, "Role") if r["metadata"]["name"] == f"{RELEASE}-credentials"]
+
+
 def rules_of(role: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
     table: dict[tuple[str, str], set[str]] = {}
     for rule in role["rules"]:
@@ -252,7 +298,8 @@ def test_crds_are_valid_kubernetes_objects(path: Path, kube: str) -> None:
 
 @needs_helm
 def test_helm_lint_strict() -> None:
-    for values in (None, SCENARIOS["everything"], SCENARIOS["replicas-2-namespaced"]):
+    lint_scenarios = ("everything", "replicas-2-namespaced", "default-server")
+    for values in (None, *(SCENARIOS[name] for name in lint_scenarios)):
         report = helm.lint(CHART, values, strict=True, kube_version=f"v{MIN_KUBE}")
         assert report["errors"] == []
         problems = [m for m in report["messages"] if m["severity"] >= 2]
@@ -267,6 +314,8 @@ def test_manifests_are_valid_kubernetes_objects(rendered, scenario: str) -> None
     docs = rendered[scenario]
     assert {d["kind"] for d in docs} >= {"Deployment", "ServiceAccount"}
     for doc in docs:
+        if doc["kind"] == "ClusterZenMLServer":
+            assert admit(doc["kind"], doc["spec"]) == [], scenario
         if doc["kind"] in CUSTOM_KINDS:
             continue
         for kube in KUBE_VERSIONS:
@@ -381,7 +430,7 @@ def test_replicas_use_kopf_peering_cluster_wide(rendered) -> None:
     args = container(docs)["args"]
     assert args[args.index("--peering") + 1] == "zenml-operator"
     assert one(docs, "ClusterKopfPeering")["metadata"]["name"] == "zenml-operator"
-    assert rules_of(one(docs, "ClusterRole")) == OPERATOR_RULES | CRD_SCANNING | CLUSTER_PEERING
+    assert rules_of(one(docs, "ClusterRole")) == CLUSTER_RULES | CRD_SCANNING | CLUSTER_PEERING
 
 
 def test_replicas_use_kopf_peering_per_namespace(rendered) -> None:
@@ -389,17 +438,17 @@ def test_replicas_use_kopf_peering_per_namespace(rendered) -> None:
     peerings = by_kind(docs, "KopfPeering")
     assert sorted(p["metadata"]["namespace"] for p in peerings) == ["a", "b"]
     assert {p["metadata"]["name"] for p in peerings} == {"zenml-operator"}
-    for role in by_kind(docs, "Role"):
+    for role in watched_roles(docs):
         assert rules_of(role) == OPERATOR_RULES | NAMESPACED_PEERING
 
 
 def test_listed_namespaces_with_cluster_scope(rendered) -> None:
     """--namespace makes Kopf scan namespaces and peer per namespace, whatever the RBAC scope."""
     role = one(rendered["cluster-listed-namespaces"], "ClusterRole")
-    assert rules_of(role) == OPERATOR_RULES | CRD_SCANNING | NAMESPACE_SCANNING
+    assert rules_of(role) == CLUSTER_RULES | CRD_SCANNING | NAMESPACE_SCANNING
     docs = rendered["replicas-2-cluster-listed-namespaces"]
     assert rules_of(one(docs, "ClusterRole")) == (
-        OPERATOR_RULES | CRD_SCANNING | NAMESPACE_SCANNING | NAMESPACED_PEERING
+        CLUSTER_RULES | CRD_SCANNING | NAMESPACE_SCANNING | NAMESPACED_PEERING
     )
     assert by_kind(docs, "ClusterKopfPeering") == []
     peerings = by_kind(docs, "KopfPeering")
@@ -416,7 +465,7 @@ def test_credential_api_key_as_file(rendered) -> None:
     # The file wins over ZENML_STORE_API_KEY and is re-read at every login (no restart on
     # rotation); the env copy would be stale after a rotation, so it is not set at all.
     path = env["ZENML_STORE_API_KEY_FILE"]["value"]
-    assert set(env) == {"ZENML_STORE_URL", "ZENML_STORE_API_KEY_FILE"}
+    assert set(env) == {"ZENML_STORE_URL", "ZENML_OPERATOR_NAMESPACE", "ZENML_STORE_API_KEY_FILE"}
     pod = one(docs, "Deployment")["spec"]["template"]["spec"]
     (mount,) = [m for m in container(docs)["volumeMounts"] if path.startswith(m["mountPath"] + "/")]
     assert mount["readOnly"] is True and "subPath" not in mount  # subPath never refreshes
@@ -497,6 +546,8 @@ def test_config_reads_the_rendered_password_environment(rendered, monkeypatch) -
     for name, item in env_of(rendered["password"]).items():
         if "value" in item:
             monkeypatch.setenv(name, item["value"])
+        elif "fieldRef" in item["valueFrom"]:  # the downward API: the pod's namespace
+            monkeypatch.setenv(name, NAMESPACE)
         else:  # what the kubelet does with secretKeyRef
             monkeypatch.setenv(name, fake_secret[item["valueFrom"]["secretKeyRef"]["key"]])
     config = config_from_env(("a",))
@@ -526,7 +577,7 @@ def test_service_monitor(rendered) -> None:
 def test_rbac_cluster_scope(rendered) -> None:
     docs = rendered["defaults"]
     role = one(docs, "ClusterRole")
-    assert rules_of(role) == OPERATOR_RULES | CRD_SCANNING
+    assert rules_of(role) == CLUSTER_RULES | CRD_SCANNING
     binding = one(docs, "ClusterRoleBinding")
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io",
@@ -541,38 +592,123 @@ def test_rbac_cluster_scope(rendered) -> None:
 
 def test_rbac_namespaced_scope(rendered) -> None:
     docs = rendered["namespaced"]
-    roles = by_kind(docs, "Role")
-    bindings = by_kind(docs, "RoleBinding")
+    roles = watched_roles(docs)
+    bindings = [b for b in by_kind(docs, "RoleBinding") if b["metadata"]["name"] == RELEASE]
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["a", "b"]
     for role in roles:
         assert rules_of(role) == OPERATOR_RULES
-    for binding in bindings:
-        assert binding["roleRef"]["kind"] == "Role"
+    for binding in by_kind(docs, "RoleBinding"):
+        assert binding["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "Role",
+            "name": binding["metadata"]["name"],
+        }
         assert binding["subjects"] == [
             {"kind": "ServiceAccount", "name": "zenml-operator", "namespace": NAMESPACE}
         ]
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["a", "b"]
-    # The only cluster-wide grant: read-only discovery, nothing namespaced, no Secrets.
-    (cluster_role,) = by_kind(docs, "ClusterRole")
-    assert rules_of(cluster_role) == NAMESPACE_SCANNING | CRD_SCANNING
-    (cluster_binding,) = by_kind(docs, "ClusterRoleBinding")
-    assert cluster_binding["roleRef"]["name"] == cluster_role["metadata"]["name"]
+    # The credentials of a ClusterZenMLServer: read-only, in the release namespace only.
+    (credentials,) = credential_roles(docs)
+    assert credentials["metadata"]["namespace"] == NAMESPACE
+    assert rules_of(credentials) == CREDENTIAL_RULES
+    # The only cluster-wide grants: read-only discovery and the cluster-scoped servers;
+    # nothing namespaced, no Secrets.
+    cluster_roles = {r["metadata"]["name"]: rules_of(r) for r in by_kind(docs, "ClusterRole")}
+    assert cluster_roles == {
+        f"{RELEASE}-discovery": NAMESPACE_SCANNING | CRD_SCANNING,
+        f"{RELEASE}-cluster-servers": CLUSTER_SERVER_RULES,
+    }
+    bound = {b["roleRef"]["name"] for b in by_kind(docs, "ClusterRoleBinding")}
+    assert bound == set(cluster_roles)
+
+
+def test_credential_namespaces_namespaced_scope(rendered) -> None:
+    """A credential namespace gets a read-only Secret Role unless it is watched already."""
+    docs = rendered["namespaced-credential-namespaces"]
+    roles = {r["metadata"]["namespace"]: rules_of(r) for r in credential_roles(docs)}
+    assert roles == {NAMESPACE: CREDENTIAL_RULES, "zenml-creds": CREDENTIAL_RULES}
+    env = env_of(docs)
+    assert env["ZENML_OPERATOR_CREDENTIAL_NAMESPACES"]["value"] == "zenml-creds,a"
+
+
+def test_operator_namespace_from_the_downward_api(rendered) -> None:
+    for scenario, docs in rendered.items():
+        env = env_of(docs)
+        assert env["ZENML_OPERATOR_NAMESPACE"]["valueFrom"] == {
+            "fieldRef": {"fieldPath": "metadata.namespace"}
+        }, scenario
+    assert "ZENML_OPERATOR_CREDENTIAL_NAMESPACES" not in env_of(rendered["defaults"])
+    # Cluster scope: the ClusterRole reads Secrets everywhere already, no extra Role.
+    assert by_kind(rendered["default-server"], "Role") == []
+
+
+def test_default_server(rendered) -> None:
+    assert by_kind(rendered["defaults"], "ClusterZenMLServer") == []
+    docs = rendered["default-server"]
+    server = one(docs, "ClusterZenMLServer")
+    assert server["apiVersion"] == "zenml.io/v1alpha1"
+    assert server["metadata"]["name"] == "default"
+    # Helm must not delete it with the operator: nothing would release its finalizer.
+    assert server["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert server["spec"] == {
+        "url": "https://zenml.example.com",
+        "proApiUrl": "https://cloudapi.zenml.io",
+        "caBundle": "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+        "credentials": {"secretName": "zenml-operator-credential", "namespace": NAMESPACE},
+    }
+    assert admit("ClusterZenMLServer", server["spec"]) == []
+    env = env_of(docs)
+    assert env["ZENML_OPERATOR_CREDENTIAL_NAMESPACES"]["value"] == f"zenml-creds,{NAMESPACE}"
+
+
+@needs_helm
+def test_default_server_with_its_own_values() -> None:
+    values = {
+        "defaultServer": {
+            "create": True,
+            "name": "prod",
+            "url": "https://prod.zenml.example.com",
+            "secretUrl": "http://zenml.zenml.svc:8080",
+            "credentials": {"secretName": "prod-admin"},
+        }
+    }
+    server = one(render(merged(BASE, values)), "ClusterZenMLServer")
+    assert server["metadata"]["name"] == "prod"
+    assert server["spec"] == {
+        "url": "https://prod.zenml.example.com",
+        "secretUrl": "http://zenml.zenml.svc:8080",
+        "credentials": {"secretName": "prod-admin", "namespace": NAMESPACE},
+    }
+    assert admit("ClusterZenMLServer", server["spec"]) == []
 
 
 @pytest.mark.parametrize(
-    "scenario", ["namespaced", "namespaced-no-discovery", "replicas-2-namespaced"]
+    "scenario",
+    [
+        "namespaced",
+        "namespaced-no-discovery",
+        "replicas-2-namespaced",
+        "namespaced-credential-namespaces",
+    ],
 )
 def test_namespaced_scope_grants_nothing_sensitive_cluster_wide(rendered, scenario: str) -> None:
     for role in by_kind(rendered[scenario], "ClusterRole"):
         for (_, resource), verbs in rules_of(role).items():
+            if resource.startswith("clusterzenmlservers"):
+                # Cluster-scoped custom resources, not namespaced objects or Secrets.
+                assert verbs == CLUSTER_SERVER_RULES[("zenml.io", resource)]
+                continue
             assert resource in {"namespaces", "customresourcedefinitions"}, resource
             assert verbs <= {"get", "list", "watch"}
 
 
-def test_namespaced_scope_without_discovery_has_no_cluster_objects(rendered) -> None:
+def test_namespaced_scope_without_discovery_has_only_the_cluster_server_grant(rendered) -> None:
     docs = rendered["namespaced-no-discovery"]
-    assert by_kind(docs, "ClusterRole") == [] and by_kind(docs, "ClusterRoleBinding") == []
-    assert [r["metadata"]["namespace"] for r in by_kind(docs, "Role")] == ["a"]
+    (cluster_role,) = by_kind(docs, "ClusterRole")
+    assert rules_of(cluster_role) == CLUSTER_SERVER_RULES
+    (binding,) = by_kind(docs, "ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == cluster_role["metadata"]["name"]
+    assert [r["metadata"]["namespace"] for r in watched_roles(docs)] == ["a"]
 
 
 @needs_helm
@@ -595,7 +731,12 @@ def test_namespaced_objects_live_in_the_release_namespace(rendered) -> None:
             if doc["kind"] in {"Role", "RoleBinding", "KopfPeering"}:
                 continue  # in the watched namespaces
             namespace = doc["metadata"].get("namespace")
-            if doc["kind"] in {"ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering"}:
+            if doc["kind"] in {
+                "ClusterRole",
+                "ClusterRoleBinding",
+                "ClusterKopfPeering",
+                "ClusterZenMLServer",
+            }:
                 assert namespace is None, (scenario, doc["kind"])
             else:
                 assert namespace == NAMESPACE, (scenario, doc["kind"])
@@ -622,6 +763,14 @@ def test_namespaced_objects_live_in_the_release_namespace(rendered) -> None:
         ({"resyncSeconds": 0}, "/resyncSeconds"),
         ({"rbac": {"scope": "namespaced"}}, "/watchNamespaces"),
         ({"serviceMonitor": {"interval": "soon"}}, "/serviceMonitor/interval"),
+        ({"serverCredentialNamespaces": ["Not_A_Namespace"]}, "/serverCredentialNamespaces/0"),
+        ({"defaultServer": {"url": "zenml.example.com"}}, "/defaultServer/url"),
+        ({"defaultServer": {"proApiUrl": "cloudapi.zenml.io"}}, "/defaultServer/proApiUrl"),
+        ({"defaultServer": {"caBundle": "not a certificate"}}, "/defaultServer/caBundle"),
+        ({"defaultServer": {"name": "Prod"}}, "/defaultServer/name"),
+        ({"defaultServer": {"credentials": {"namespace": "x"}}}, "namespace"),
+        # The server's credential too only ever comes from an existing Secret.
+        ({"defaultServer": {"apiKey": "ZENKEY_abc"}}, "apiKey"),
     ],
 )
 def test_schema_rejects_bad_values(values: dict[str, Any], fragment: str) -> None:

@@ -62,6 +62,9 @@ app.kubernetes.io/component: operator
 {{- if and (eq .Values.rbac.scope "namespaced") (empty .Values.watchNamespaces) }}
 {{- fail "rbac.scope=namespaced needs watchNamespaces: Roles cannot grant access to all namespaces" }}
 {{- end }}
+{{- if and .Values.defaultServer.create (not (or .Values.defaultServer.url .Values.zenml.url)) }}
+{{- fail "defaultServer.url (or zenml.url) is required when defaultServer.create is true" }}
+{{- end }}
 {{- if eq (int .Values.livenessPort) (int .Values.metrics.port) }}
 {{- fail "livenessPort and metrics.port must differ" }}
 {{- end }}
@@ -76,18 +79,20 @@ holds the same table and fails when either side changes alone.
 # Kopf watches the custom resources (list, watch) and patches them for its finalizer and
 # its annotations (progress, last-handled-configuration); the operator re-reads one before
 # acting (kube.KubeClient.get_object in main.py).
+# ZenMLServer (namespaced) is watched and held by a finalizer the same way.
 - apiGroups: ["zenml.io"]
-  resources: ["serviceaccounts", "apikeyrotations"]
+  resources: ["serviceaccounts", "apikeyrotations", "zenmlservers"]
   verbs: ["get", "list", "watch", "patch"]
 # kube.KubeClient.patch_status: status is written by the operator (intent records, Ready).
 - apiGroups: ["zenml.io"]
-  resources: ["serviceaccounts/status", "apikeyrotations/status"]
+  resources: ["serviceaccounts/status", "apikeyrotations/status", "zenmlservers/status"]
   verbs: ["patch"]
 # Secrets carry an ownerReference to their ServiceAccount with blockOwnerDeletion (so a
 # foreground deletion waits for them); clusters with the OwnerReferencesPermissionEnforcement
 # admission plugin (OpenShift) allow that only to who may update the owner's finalizers.
+# zenmlservers/finalizers: the same for objects owned by a server resource.
 - apiGroups: ["zenml.io"]
-  resources: ["serviceaccounts/finalizers"]
+  resources: ["serviceaccounts/finalizers", "zenmlservers/finalizers"]
   verbs: ["update"]
 # kube.KubeClient.{get,create,patch,delete}_secret: the Secrets holding the issued keys.
 # list/watch: secret_watch.SecretWatch follows the operator's own Secrets, filtered by the
@@ -106,9 +111,45 @@ holds the same table and fails when either side changes alone.
   verbs: ["get", "patch"]
 {{- end }}
 
+{{/*
+ClusterZenMLServer is cluster-scoped: only a ClusterRole can grant it, also when
+rbac.scope=namespaced. Watched, patched for the finalizer and annotations, status written.
+*/}}
+{{- define "zenml-operator.clusterServerRules" -}}
+- apiGroups: ["zenml.io"]
+  resources: ["clusterzenmlservers"]
+  verbs: ["get", "list", "watch", "patch"]
+- apiGroups: ["zenml.io"]
+  resources: ["clusterzenmlservers/status"]
+  verbs: ["patch"]
+- apiGroups: ["zenml.io"]
+  resources: ["clusterzenmlservers/finalizers"]
+  verbs: ["update"]
+{{- end }}
+
+{{/*
+Namespaces the Secrets of ClusterZenMLServer credentials may live in: the release
+namespace, then serverCredentialNamespaces (comma-separated, no duplicates).
+*/}}
+{{- define "zenml-operator.credentialNamespaces" -}}
+{{- $others := without (uniq (.Values.serverCredentialNamespaces | default list)) .Release.Namespace }}
+{{- prepend $others .Release.Namespace | join "," }}
+{{- end }}
+
 {{/* Kopf peering (replicaCount > 1): watch the peering object and patch our heartbeat in. */}}
 {{- define "zenml-operator.peeringRule" -}}
 - apiGroups: ["kopf.dev"]
   resources: [{{ .resource | quote }}]
   verbs: ["list", "watch", "patch"]
+{{- end }}
+
+{{/*
+The Secrets of ClusterZenMLServer credentials (rbac.scope=namespaced, in a credential
+namespace that is not watched): get, and list/watch with a field selector on the name, so
+that a credential changed in place is picked up without a restart.
+*/}}
+{{- define "zenml-operator.credentialRules" -}}
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get", "list", "watch"]
 {{- end }}
