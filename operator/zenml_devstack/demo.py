@@ -46,7 +46,7 @@ from zenml_operator import secrets as sec
 from zenml_operator import zenml_api as zc
 from zenml_operator.config import OperatorConfig
 from zenml_operator.main import build_registry
-from zenml_operator.models import GROUP, ServiceAccountSpec
+from zenml_operator.models import GROUP, SERVER_KINDS, ServiceAccountSpec
 
 Say = Callable[[str], None]
 
@@ -207,6 +207,10 @@ def skip_reason(manifest: Manifest, served: Mapping[tuple[str, str], Any]) -> st
         _PLACEHOLDER.search(v) for v in _secret_values(manifest.doc)
     ):
         return "placeholder credential; the demo hands the operator its key directly"
+    if manifest.kind in SERVER_KINDS:
+        return "a ZenML server of its own (an example URL); the demo runs one ZenML server"
+    if manifest.kind == "ServiceAccount" and "serverRef" in (manifest.doc.get("spec") or {}):
+        return "on a ZenML server of its own (spec.serverRef); the demo runs one ZenML server"
     return None
 
 

@@ -26,7 +26,13 @@ ROOT = find_repo_root()
 
 
 def example_service_accounts() -> list[Manifest]:
-    return [m for m in load_examples(ROOT / "examples") if m.kind == "ServiceAccount"]
+    """The examples' ServiceAccounts on the default server (the demo runs one ZenML server;
+    those naming a server of their own in spec.serverRef are skipped with a reason)."""
+    return [
+        m
+        for m in load_examples(ROOT / "examples")
+        if m.kind == "ServiceAccount" and "serverRef" not in (m.doc.get("spec") or {})
+    ]
 
 
 async def test_every_example_becomes_ready_and_every_secret_logs_in(
@@ -74,6 +80,20 @@ def test_documents_the_demo_cannot_use_are_skipped_with_a_reason() -> None:
     assert "not served" in (skip_reason(rotation, served) or "")
     assert "placeholder" in (skip_reason(placeholder, served) or "")
     assert skip_reason(real, served) is None
+    server = Manifest(
+        Path("z.yaml"), {"apiVersion": "zenml.io/v1alpha1", "kind": "ClusterZenMLServer"}
+    )
+    on_server = Manifest(
+        Path("u.yaml"),
+        {
+            "apiVersion": "zenml.io/v1alpha1",
+            "kind": "ServiceAccount",
+            "spec": {"serverRef": {"kind": "ClusterZenMLServer", "name": "prod"}},
+        },
+    )
+    served[("zenml.io/v1alpha1", "ClusterZenMLServer")] = object()
+    assert "ZenML server of its own" in (skip_reason(server, served) or "")
+    assert "serverRef" in (skip_reason(on_server, served) or "")
 
 
 def test_mask_never_shows_the_value() -> None:

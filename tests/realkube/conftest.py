@@ -130,6 +130,8 @@ def object_path(obj: dict[str, Any]) -> tuple[str, str]:
         "StatefulSet": "statefulsets",
         "DaemonSet": "daemonsets",
         "ApiKeyRotation": "apikeyrotations",
+        "ZenMLServer": "zenmlservers",
+        "ClusterZenMLServer": "clusterzenmlservers",
         "Namespace": "namespaces",
         "CustomResourceDefinition": "customresourcedefinitions",
     }[kind]

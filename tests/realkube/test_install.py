@@ -46,7 +46,14 @@ def test_every_example_is_accepted_by_server_side_apply(installed: Installed) ->
                 apply_manifest(kube, doc, dryRun="All", fieldValidation="Strict")
                 applied.append(f"{path.name}:{doc['kind']}")
     kinds = {a.split(":")[1] for a in applied}
-    assert {"ServiceAccount", "ApiKeyRotation", "Deployment", "Secret"} <= kinds, applied
+    assert {
+        "ServiceAccount",
+        "ApiKeyRotation",
+        "ZenMLServer",
+        "ClusterZenMLServer",
+        "Deployment",
+        "Secret",
+    } <= kinds, applied
 
 
 def test_next_rotation_column_shows_a_future_time(installed: Installed, namespace: str) -> None:
