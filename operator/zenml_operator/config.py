@@ -41,6 +41,12 @@ class OperatorConfig:
     kube_api_url: str | None = None
     # Seconds the operator waits before retrying after a failed reconcile (Kopf backoff).
     retry_delay: float = 15.0
+    # The operator's own namespace (the chart sets it): ClusterZenMLServer credentials are
+    # read from there and `credential_namespaces` only. None (a local run): from anywhere.
+    operator_namespace: str | None = None
+    credential_namespaces: tuple[str, ...] = ()
+    # How often each ZenMLServer/ClusterZenMLServer is checked (login, version, credential).
+    server_check_seconds: float = 60.0
 
     @property
     def url_for_secrets(self) -> str:
@@ -57,7 +63,7 @@ def _env_float(name: str, default: float) -> float:
         raise ValueError(f"{name} must be a number, got {raw!r}") from exc
 
 
-def _validate_api_key(value: str, source: str) -> str:
+def validate_api_key(value: str, source: str) -> str:
     value = value.strip()
     if not value:
         raise ValueError(f"{source} is empty: set it to a ZenML service account API key")
@@ -88,13 +94,13 @@ def api_key_from_env(environ: Mapping[str, str] | None = None) -> str | Callable
                 text = path.read_text(encoding="utf-8")
             except OSError as exc:
                 raise ValueError(f"cannot read {source}: {exc.strerror}") from None
-            return _validate_api_key(text, source)
+            return validate_api_key(text, source)
 
         read_key()  # fail at start-up, not at the first login
         return read_key
     if API_KEY_ENV not in env:
         raise ValueError(f"{API_KEY_ENV} (or {API_KEY_FILE_ENV}) is not set")
-    return _validate_api_key(env[API_KEY_ENV], API_KEY_ENV)
+    return validate_api_key(env[API_KEY_ENV], API_KEY_ENV)
 
 
 def config_from_env(namespaces: tuple[str, ...] = ()) -> OperatorConfig:
@@ -126,4 +132,11 @@ def config_from_env(namespaces: tuple[str, ...] = ()) -> OperatorConfig:
         max_concurrent_reconciles=int(_env_float("ZENML_OPERATOR_MAX_CONCURRENT_RECONCILES", 64)),
         background_rate=_env_float("ZENML_OPERATOR_BACKGROUND_RATE", 20.0),
         retry_delay=_env_float("ZENML_OPERATOR_RETRY_DELAY", 15.0),
+        operator_namespace=os.environ.get("ZENML_OPERATOR_NAMESPACE") or None,
+        credential_namespaces=tuple(
+            n.strip()
+            for n in os.environ.get("ZENML_OPERATOR_CREDENTIAL_NAMESPACES", "").split(",")
+            if n.strip()
+        ),
+        server_check_seconds=_env_float("ZENML_OPERATOR_SERVER_CHECK_SECONDS", 60.0),
     )

@@ -14,6 +14,7 @@ changed objects and due rotations take the reconcile slots and are never paced.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -27,11 +28,14 @@ from zenml_operator.config import OperatorConfig
 from zenml_operator.handlers import deletion
 from zenml_operator.handlers import rotation as rot
 from zenml_operator.handlers import service_account as sa
+from zenml_operator.handlers import server_resource as zs
 from zenml_operator.handlers.common import Deps, Outcome, classify
+from zenml_operator.kube import KubeError
 from zenml_operator.metrics import Metrics
 from zenml_operator.models import API_VERSION, ROTATE_ANNOTATION
 from zenml_operator.runner import Kind, Runner, ready_of, reason_of
 from zenml_operator.scheduling import next_look_in, sleep_until
+from zenml_operator.servers import PLURALS, ServerKey, key_of, key_of_body
 from zenml_operator.timestamps import parse_time, utcnow
 from zenml_operator.zenml_api.pacing import background_lane
 
@@ -39,6 +43,7 @@ SERVICE_ACCOUNTS = Kind(
     plural=sa.PLURAL, metric_name="serviceaccount", crash_after_status="sa.after-status"
 )
 ROTATIONS = Kind(plural=rot.PLURAL, metric_name="apikeyrotation")
+SERVERS = {kind: Kind(plural=plural, metric_name=kind.lower()) for kind, plural in PLURALS.items()}
 # Background work in progress at once: ServiceAccount checks (workers) and rotation looks
 # (slots), each. Their ZenML requests share one rate, so at the default 20/s a check waits
 # at most ~0.4 s for its token, which also bounds how long it holds its object's lock.
@@ -91,6 +96,7 @@ class Controller:
             ready=ready_of(status)[0],
         )
         namespace, name, uid = meta.namespace, meta.name, meta.uid
+        server = key_of_body(body)
         if path.background:
             # Queued, not awaited: Kopf would hold this object's next change behind it.
             async def check() -> bool:
@@ -101,8 +107,11 @@ class Controller:
 
             self.background(memo).submit(uid, check)
             return
+        # A server's ServiceAccounts take that server's slots: the ones of a hanging server
+        # cannot fill the slots the others need.
+        slots = lifecycle.deps_of(memo).servers.slots_for(server) if server else None
         outcome = await self._run_service_account(
-            memo, namespace, name, uid, one_read=path.one_read
+            memo, namespace, name, uid, one_read=path.one_read, slots=slots
         )
         if outcome is not None and outcome.problem is not None and outcome.problem.retry:
             raise kopf.TemporaryError(outcome.problem.message, delay=self.config.retry_delay)
@@ -162,6 +171,62 @@ class Controller:
             tracked.ok("Finalized")
         self.metrics.forget_service_account(meta.namespace, meta.name)
         deps.forget(meta.uid, secrets=[(meta.namespace, name) for name in released])
+
+    # --- ZenMLServer / ClusterZenMLServer --------------------------------------------------
+
+    async def check_server(self, body: kopf.Body, memo: Any, *, retry: bool) -> None:
+        """Check a server resource and write its status; `retry`: a failure that may heal
+        is retried after the retry delay (the timer checks again anyway)."""
+        runner = self.runner(memo)
+        servers = runner.deps.servers
+        meta = body.metadata
+
+        async def reconcile(fresh: dict[str, Any]) -> Outcome:
+            return await zs.check_server(
+                fresh, servers, check_every=self.config.server_check_seconds
+            )
+
+        outcome = await runner.run(
+            SERVERS[body["kind"]], meta.namespace, meta.name, meta.uid, reconcile
+        )
+        if retry and outcome is not None and outcome.problem is not None and outcome.problem.retry:
+            raise kopf.TemporaryError(outcome.problem.message, delay=self.config.retry_delay)
+
+    async def finalize_server(
+        self, body: kopf.Body, memo: Any, users: kopf.Index[Any, Any]
+    ) -> None:
+        """Held while ServiceAccounts use the server (they need it to delete their keys)."""
+        deps = lifecycle.deps_of(memo)
+        meta = body.metadata
+        key = ServerKey(body["kind"], meta.namespace, meta.name)
+        using = sorted(users.get(server_index_key(key), ()))
+        if not using:
+            if deps.servers is not None:
+                await deps.servers.drop(key)
+            return
+        message = zs.users_message(key.kind, key.name, using)
+        status = body.get("status") or {}
+        before = next(
+            (c for c in status.get("conditions") or [] if c.get("type") == zs.DELETION_BLOCKED),
+            None,
+        )
+        if before is None or before.get("message") != message:
+            lifecycle.post_event(body, type="Warning", reason="InUse", message=message)
+            conditions = zs.blocked_conditions(status, message, meta.get("generation"))
+            with contextlib.suppress(KubeError):  # a courtesy: the finalizer is what holds
+                await deps.kube.patch_status(
+                    API_VERSION, key.plural, key.namespace, key.name, {"conditions": conditions}
+                )
+        raise kopf.TemporaryError(message, delay=self.config.retry_delay)
+
+    @staticmethod
+    def server_user(
+        namespace: str, name: str, spec: Mapping[str, Any]
+    ) -> dict[tuple[str, str | None, str], str]:
+        """Which server a ServiceAccount uses, for the index a server's deletion reads."""
+        ref = spec.get("serverRef")
+        key = key_of(ref if isinstance(ref, Mapping) else None, namespace)
+        return {server_index_key(key): f"{namespace}/{name}"} if key is not None else {}
 
     # --- ApiKeyRotation ------------------------------------------------------------------
 
@@ -276,3 +341,7 @@ class Controller:
         """Which key a rotation claims, for the index the duplicate check reads."""
         target = (namespace, spec.get("serviceAccountName"), spec.get("apiKeyName"))
         return {target: (str(meta.get("creationTimestamp") or ""), name)}
+
+
+def server_index_key(key: ServerKey) -> tuple[str, str | None, str]:
+    return (key.kind, key.namespace, key.name)

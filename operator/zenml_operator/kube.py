@@ -302,20 +302,31 @@ class KubeClient:
 
     # --- Custom resources ------------------------------------------------------------
 
+    @staticmethod
+    def _object_path(api_version: str, plural: str, namespace: str | None, name: str) -> str:
+        """An object's path; namespace None: a cluster-scoped kind."""
+        prefix = "/api" if "/" not in api_version else "/apis"
+        where = f"namespaces/{namespace}/" if namespace is not None else ""
+        return f"{prefix}/{api_version}/{where}{plural}/{name}"
+
     async def patch_status(
-        self, api_version: str, plural: str, namespace: str, name: str, status: Mapping[str, Any]
+        self,
+        api_version: str,
+        plural: str,
+        namespace: str | None,
+        name: str,
+        status: Mapping[str, Any],
     ) -> dict[str, Any]:
         """Write status now, not at the handler's end: used for intent records."""
-        path = f"/apis/{api_version}/namespaces/{namespace}/{plural}/{name}/status"
+        path = self._object_path(api_version, plural, namespace, name) + "/status"
         return await self._request("PATCH", path, json={"status": status}, content_type=MERGE_PATCH)
 
     async def get_object(
-        self, api_version: str, plural: str, namespace: str, name: str
+        self, api_version: str, plural: str, namespace: str | None, name: str
     ) -> dict[str, Any] | None:
-        prefix = "/api" if "/" not in api_version else "/apis"
         try:
             return await self._request(
-                "GET", f"{prefix}/{api_version}/namespaces/{namespace}/{plural}/{name}"
+                "GET", self._object_path(api_version, plural, namespace, name)
             )
         except KubeNotFound:
             return None
@@ -330,12 +341,16 @@ class KubeClient:
         return list(result.get("items") or [])
 
     async def patch_object(
-        self, api_version: str, plural: str, namespace: str, name: str, patch: Mapping[str, Any]
+        self,
+        api_version: str,
+        plural: str,
+        namespace: str | None,
+        name: str,
+        patch: Mapping[str, Any],
     ) -> dict[str, Any]:
-        prefix = "/api" if "/" not in api_version else "/apis"
         return await self._request(
             "PATCH",
-            f"{prefix}/{api_version}/namespaces/{namespace}/{plural}/{name}",
+            self._object_path(api_version, plural, namespace, name),
             json=patch,
             content_type=MERGE_PATCH,
         )

@@ -16,6 +16,8 @@ from zenml_operator.config import OperatorConfig
 from zenml_operator.handlers.common import Deps
 from zenml_operator.kube import KubeClient, kube_login
 from zenml_operator.metrics import Metrics
+from zenml_operator.secrets import ServerData
+from zenml_operator.servers import Server, ServerDirectory
 
 PREFIX = "operator.zenml.io"
 FINALIZER = "zenml.io/finalizer"
@@ -113,6 +115,9 @@ async def cleanup(memo: Any, metrics: Metrics) -> None:
     metrics.readiness.stopping = True
     metrics.readiness.relogin = None
     await metrics.readiness.aclose()
+    deps = getattr(memo, "deps", None)
+    if deps is not None and deps.servers is not None:
+        await deps.servers.aclose()
     for name in ("zenml", "kube"):
         client = getattr(memo, name, None)
         if client is not None:
@@ -122,11 +127,19 @@ async def cleanup(memo: Any, metrics: Metrics) -> None:
 def deps_of(memo: Any) -> Deps:
     """The handlers' shared clients, made once per operator from what start-up opened."""
     if getattr(memo, "deps", None) is None:
+        config: OperatorConfig = memo.config
+        default = Server(None, memo.zenml, ServerData(config.url_for_secrets))
         memo.deps = Deps(
             zenml=memo.zenml,
             kube=memo.kube,
-            secret_url=memo.config.url_for_secrets,
+            server_data=default.data,
             events=post_event,
-            resync_seconds=memo.config.resync_seconds,
+            resync_seconds=config.resync_seconds,
+            servers=ServerDirectory(
+                config=config,
+                kube=memo.kube,
+                default=default,
+                observer=memo.metrics.observe_zenml_request,
+            ),
         )
     return memo.deps

@@ -20,7 +20,7 @@ from zenml_operator.controller import Controller
 from zenml_operator.handlers import rotation as rot
 from zenml_operator.handlers import service_account as sa
 from zenml_operator.metrics import Metrics
-from zenml_operator.models import GROUP, VERSION
+from zenml_operator.models import CLUSTER_ZENML_SERVERS, GROUP, VERSION, ZENML_SERVERS
 from zenml_operator.policies import Trigger
 
 FINALIZER = lifecycle.FINALIZER
@@ -79,6 +79,39 @@ def build_registry(
     @kopf.on.delete(*sa_resource, registry=registry, id="finalize")
     async def finalize(body: kopf.Body, memo: Any, **_: Any) -> None:
         await controller.finalize_service_account(body, memo)
+
+    # ZenMLServer / ClusterZenMLServer: checked on every change and by a timer (a credential
+    # rotated in place, a server that came back); deletion held while ServiceAccounts use it.
+    async def check_server(body: kopf.Body, memo: Any, **_: Any) -> None:
+        await controller.check_server(body, memo, retry=True)
+
+    async def recheck_server(body: kopf.Body, memo: Any, **_: Any) -> None:
+        await controller.check_server(body, memo, retry=False)
+
+    async def finalize_server(
+        body: kopf.Body, memo: Any, server_users: kopf.Index[Any, Any], **_: Any
+    ) -> None:
+        await controller.finalize_server(body, memo, server_users)
+
+    for plural in (ZENML_SERVERS, CLUSTER_ZENML_SERVERS):
+        server_resource = (GROUP, VERSION, plural)
+        for decorator in (kopf.on.create, kopf.on.update, kopf.on.resume):
+            decorator(*server_resource, registry=registry, id="check")(check_server)
+        kopf.timer(
+            *server_resource,
+            registry=registry,
+            id="recheck",
+            interval=config.server_check_seconds,
+            initial_delay=config.server_check_seconds,  # the resume handler checks at start
+        )(recheck_server)
+        kopf.on.delete(*server_resource, registry=registry, id="finalize")(finalize_server)
+
+    # Which servers ServiceAccounts use, kept by Kopf from the watch stream.
+    @kopf.index(*sa_resource, registry=registry, id="server_users")
+    def server_users(
+        namespace: str, name: str, spec: kopf.Spec, **_: Any
+    ) -> dict[tuple[str, str | None, str], str]:
+        return controller.server_user(namespace, name, spec)
 
     # Which rotations claim which key, kept by Kopf from the watch stream (no LIST per look).
     @kopf.index(*rotation_resource, registry=registry, id="rotation_claims")

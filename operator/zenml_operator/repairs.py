@@ -30,7 +30,7 @@ import datetime
 import logging
 import time
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import Any
 
 from zenml_operator import lifecycle
 from zenml_operator import policies as pol
@@ -38,7 +38,7 @@ from zenml_operator import zenml_api as zc
 from zenml_operator.config import OperatorConfig
 from zenml_operator.controller import SERVICE_ACCOUNTS
 from zenml_operator.handlers import service_account as sa
-from zenml_operator.handlers.common import Deps, Outcome
+from zenml_operator.handlers.common import Deps, Outcome, overlay
 from zenml_operator.kube import KubeError
 from zenml_operator.metrics import Metrics
 from zenml_operator.models import API_VERSION
@@ -74,7 +74,7 @@ class SecretRepairs:
         # A ZenML client of its own (`zenml`): a re-issue never waits for one of the few
         # key-create slots behind a wave of creates in the handlers' client.
         self.own_zenml = zenml
-        self.deps = cast(Deps, _Overlay(deps, events=self.events, zenml=zenml or deps.zenml))
+        self.deps = overlay(deps, events=self.events, zenml=zenml or deps.zenml)
         self.metrics = metrics
         self.peering = peering
         self.retry_delay = retry_delay
@@ -232,18 +232,6 @@ class SecretRepairs:
         return pol.peering_allows(
             peers=peers_of(found), own_priority=peering.priority, now=utcnow()
         )
-
-
-class _Overlay:
-    """The handlers' Deps with a few fields replaced; everything else read through, also
-    what is set on them later (Kopf's rotation index is attached by the first daemon)."""
-
-    def __init__(self, base: Deps, **overrides: Any) -> None:
-        self.__dict__.update(overrides)
-        self._base = base
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._base, name)
 
 
 class EventPoster:

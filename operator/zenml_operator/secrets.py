@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from zenml_operator import policies as pol
-from zenml_operator.models import API_VERSION, ApiKeySpec
+from zenml_operator.models import API_VERSION, ApiKeySpec, SecretKeys
 from zenml_operator.secret_record import (
     ANN_VALUE_DIGEST,
     SecretRecord,
@@ -27,6 +28,28 @@ ANN_KEY_VERSION = "zenml.io/key-version"
 ANN_TEMPLATE_LABELS = "zenml.io/template-labels"
 ANN_TEMPLATE_ANNOTATIONS = "zenml.io/template-annotations"
 ANN_DATA_KEYS = "zenml.io/data-keys"
+
+
+@dataclass(frozen=True)
+class ServerData:
+    """What a key's Secret says about the ZenML server the key belongs to (besides the key).
+
+    `verify_ssl` is the server's CA bundle (PEM text): the zenml client takes
+    ZENML_STORE_VERIFY_SSL as CA content, so pods trust a private CA with no extra mount.
+    """
+
+    url: str
+    pro_api_url: str | None = None
+    verify_ssl: str | None = None
+
+    def entries(self, keys: SecretKeys) -> dict[str, str]:
+        """Data key -> plain value of everything but the API key (unset extras left out)."""
+        found = {keys.url: self.url}
+        if self.pro_api_url:
+            found[keys.pro_api_url] = self.pro_api_url
+        if self.verify_ssl:
+            found[keys.verify_ssl] = self.verify_ssl
+        return found
 
 
 def b64(text: str) -> str:
@@ -106,41 +129,50 @@ def new_secret(
     owner: Mapping[str, Any],
     key: ApiKeySpec,
     secret_name: str,
-    zenml_url: str,
+    server: ServerData,
     key_id: str,
     key_value: str,
     issued_at: str,
 ) -> dict[str, Any]:
     meta = desired_metadata(owner=owner, key=key, secret_name=secret_name)
     meta["annotations"].update(
-        {**tracking_annotations(key), **value_annotations(key_id, issued_at, key_value)}
+        {**tracking_annotations(key, server), **value_annotations(key_id, issued_at, key_value)}
     )
+    keys = key.secret_template.keys
     return {
         "apiVersion": "v1",
         "kind": "Secret",
         "type": "Opaque",
         "metadata": meta,
         "data": {
-            key.secret_template.keys.url: b64(zenml_url),
-            key.secret_template.keys.api_key: b64(key_value),
+            **{name: b64(value) for name, value in server.entries(keys).items()},
+            keys.api_key: b64(key_value),
         },
     }
 
 
-def tracking_annotations(key: ApiKeySpec) -> dict[str, str]:
-    """What the operator put into the Secret from the template, so it can remove it later."""
+def tracking_annotations(key: ApiKeySpec, server: ServerData) -> dict[str, str]:
+    """What the operator put into the Secret from the template and the server, so it can
+    remove it later. Data keys: the URL's, the API key's, then the server's extras."""
     keys = key.secret_template.keys
+    extras = [name for name in server.entries(keys) if name != keys.url]
     return {
         ANN_TEMPLATE_LABELS: ",".join(sorted(key.secret_template.labels)),
         ANN_TEMPLATE_ANNOTATIONS: ",".join(sorted(key.secret_template.annotations)),
-        ANN_DATA_KEYS: f"{keys.url},{keys.api_key}",
+        ANN_DATA_KEYS: ",".join([keys.url, keys.api_key, *extras]),
     }
+
+
+def _written_keys(secret: Mapping[str, Any]) -> list[str]:
+    raw = (secret.get("metadata", {}).get("annotations") or {}).get(ANN_DATA_KEYS, "")
+    return raw.split(",")
 
 
 def _data_keys(secret: Mapping[str, Any]) -> tuple[str | None, str | None]:
     """(url key, api key key) as last written by the operator."""
-    raw = (secret.get("metadata", {}).get("annotations") or {}).get(ANN_DATA_KEYS, "")
-    url_key, _, value_key = raw.partition(",")
+    written = _written_keys(secret)
+    url_key = written[0] if written else ""
+    value_key = written[1] if len(written) > 1 else ""
     return (url_key or None, value_key or None)
 
 
@@ -194,9 +226,9 @@ def repairs_in(
 
 
 def metadata_patch(
-    *, secret: Mapping[str, Any], owner: Mapping[str, Any], key: ApiKeySpec, zenml_url: str
+    *, secret: Mapping[str, Any], owner: Mapping[str, Any], key: ApiKeySpec, server: ServerData
 ) -> dict[str, Any] | None:
-    """The merge patch that brings labels, annotations, URL and data key names in line.
+    """The merge patch that brings labels, annotations, server data and data key names in line.
 
     Returns None when the Secret already matches: a no-op reconcile writes nothing.
     """
@@ -215,7 +247,7 @@ def metadata_patch(
     if labels:
         patch.setdefault("metadata", {})["labels"] = labels
 
-    want_ann = {**template.annotations, **tracking_annotations(key)}
+    want_ann = {**template.annotations, **tracking_annotations(key, server)}
     annotations: dict[str, Any] = {k: v for k, v in want_ann.items() if have_ann.get(k) != v}
     if not have_ann.get(ANN_VALUE_DIGEST) and (digest := data_digest(held_value(secret))):
         # Written before digests were recorded: record the value it holds now (a value the
@@ -228,18 +260,20 @@ def metadata_patch(
         patch.setdefault("metadata", {})["annotations"] = annotations
 
     changes: dict[str, Any] = {}
-    old_url_key, old_value_key = _data_keys(secret)
+    old_value_key = _data_keys(secret)[1]
     if old_value_key and old_value_key != template.keys.api_key and old_value_key in data:
         changes[template.keys.api_key] = data[old_value_key]  # renamed: move the value
         changes[old_value_key] = None
-    if data.get(template.keys.url) != b64(zenml_url):
-        changes[template.keys.url] = b64(zenml_url)
-    if (
-        old_url_key
-        and old_url_key not in (template.keys.url, template.keys.api_key)
-        and (old_url_key in data)
-    ):
-        changes[old_url_key] = None
+    wanted = server.entries(template.keys)
+    for name, value in wanted.items():
+        if data.get(name) != b64(value):
+            changes[name] = b64(value)
+    # Server data written before and wanted no more (renamed, or the server stopped
+    # setting it): removed, unless it is where the key value goes now.
+    written = [name for i, name in enumerate(_written_keys(secret)) if i != 1 and name]
+    for stale in set(written) - set(wanted) - {template.keys.api_key}:
+        if stale in data:
+            changes[stale] = None
     if changes:
         patch["data"] = changes
     if not is_owned_by(secret, owner["metadata"]["uid"]):
@@ -257,7 +291,7 @@ def value_patch(
     secret: Mapping[str, Any],
     owner: Mapping[str, Any],
     key: ApiKeySpec,
-    zenml_url: str,
+    server: ServerData,
     key_id: str,
     key_value: str,
     issued_at: str,
@@ -267,7 +301,7 @@ def value_patch(
 
     It carries the Secret's resourceVersion: a concurrent change gives 409, not a lost write.
     """
-    patch = metadata_patch(secret=secret, owner=owner, key=key, zenml_url=zenml_url) or {}
+    patch = metadata_patch(secret=secret, owner=owner, key=key, server=server) or {}
     meta = patch.setdefault("metadata", {})
     meta["resourceVersion"] = secret["metadata"]["resourceVersion"]
     meta.setdefault("annotations", {}).update(

@@ -16,6 +16,7 @@ import pytest
 from zenml_operator import zenml_api as zc
 from zenml_operator.handlers.common import Deps, ReconcileProblem
 from zenml_operator.handlers.service_account import ServiceAccountReconciler, parse_spec
+from zenml_operator.secrets import ServerData
 
 NOW = datetime.datetime.now(datetime.UTC)
 OPERATOR = "zenml-operator"
@@ -67,7 +68,9 @@ class FakeKube:
 def reconciler(zenml: FakeZenML, spec: dict[str, Any], status: dict[str, Any] | None = None):
     kube = FakeKube()
     kube.status.update(status or {})
-    deps = Deps(zenml=zenml, kube=kube, secret_url="http://z", events=lambda *a, **k: None)  # type: ignore[arg-type]
+    deps = Deps(
+        zenml=zenml, kube=kube, server_data=ServerData("http://z"), events=lambda *a, **k: None
+    )  # type: ignore[arg-type]
     body = {
         "metadata": {"name": "ml", "namespace": "default", "uid": "u1", "generation": 1},
         "spec": spec,

@@ -12,6 +12,7 @@ from zenml_operator.handlers.common import Deps, Outcome, ReconcileProblem
 from zenml_operator.kube import KubeError
 from zenml_operator.metrics import Metrics
 from zenml_operator.runner import Kind, Runner
+from zenml_operator.secrets import ServerData
 
 KIND = Kind(plural="things", metric_name="thing")
 
@@ -44,7 +45,9 @@ class FakeKube:
 def make(obj: dict[str, Any] | None) -> tuple[Runner, FakeKube, list[tuple[str, str]]]:
     kube = FakeKube(obj)
     events: list[tuple[str, str]] = []
-    deps = Deps(zenml=None, kube=kube, secret_url="http://z", events=lambda *a, **k: None)  # type: ignore[arg-type]
+    deps = Deps(
+        zenml=None, kube=kube, server_data=ServerData("http://z"), events=lambda *a, **k: None
+    )  # type: ignore[arg-type]
     runner = Runner(
         deps=deps,
         metrics=Metrics(),

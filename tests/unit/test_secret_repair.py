@@ -27,6 +27,7 @@ from zenml_operator.policies import Peer, ValueCheck
 from zenml_operator.repairs import peers_of
 from zenml_operator.secret_record import ANN_VALUE_DIGEST, SecretRecord, value_digest
 from zenml_operator.secret_watch import SELECTOR, SecretChange, SecretWatch, owner_of
+from zenml_operator.secrets import ServerData
 
 T0 = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
 T1 = T0 + datetime.timedelta(hours=1)
@@ -58,7 +59,7 @@ def _secret(key: ApiKeySpec | None = None, value: str = VALUE) -> dict[str, Any]
         owner=OWNER,
         key=key or ApiKeySpec(name="main"),
         secret_name="ci-main",
-        zenml_url=URL,
+        server=ServerData(URL),
         key_id="kid",
         key_value=value,
         issued_at="2026-01-01T00:00:00Z",
@@ -77,7 +78,7 @@ def test_the_digest_is_recorded_with_every_value_and_reveals_nothing() -> None:
         secret=secret,
         owner=OWNER,
         key=ApiKeySpec(name="main"),
-        zenml_url=URL,
+        server=ServerData(URL),
         key_id="kid",
         key_value="ZENKEY_new",
         issued_at="2026-02-01T00:00:00Z",
@@ -96,7 +97,7 @@ def test_a_replaced_value_fails_the_check_and_the_url_is_not_part_of_it() -> Non
     moved = merge_patch(secret, {"data": {"ZENML_STORE_URL": sec.b64("http://elsewhere")}})
     assert sec.value_check(moved, "kid") is ValueCheck.HELD
     patch = sec.metadata_patch(
-        secret=moved, owner=OWNER, key=ApiKeySpec(name="main"), zenml_url=URL
+        secret=moved, owner=OWNER, key=ApiKeySpec(name="main"), server=ServerData(URL)
     )
     assert patch == {"data": {"ZENML_STORE_URL": sec.b64(URL)}}
 
@@ -114,13 +115,15 @@ def test_a_secret_written_before_digests_gets_one_without_a_new_value() -> None:
     assert sec.value_check(legacy, "kid") is ValueCheck.UNKNOWN
     assert sec.secret_holds_key(legacy, "kid")  # the old check: key id and a value present
     patch = sec.metadata_patch(
-        secret=legacy, owner=OWNER, key=ApiKeySpec(name="main"), zenml_url=URL
+        secret=legacy, owner=OWNER, key=ApiKeySpec(name="main"), server=ServerData(URL)
     )
     assert patch == {"metadata": {"annotations": {ANN_VALUE_DIGEST: value_digest(VALUE)}}}
     upgraded = merge_patch(legacy, patch)
     assert sec.value_check(upgraded, "kid") is ValueCheck.HELD
     assert (
-        sec.metadata_patch(secret=upgraded, owner=OWNER, key=ApiKeySpec(name="main"), zenml_url=URL)
+        sec.metadata_patch(
+            secret=upgraded, owner=OWNER, key=ApiKeySpec(name="main"), server=ServerData(URL)
+        )
         is None
     )
 
@@ -148,11 +151,11 @@ def test_a_secret_that_lost_its_owner_reference_is_claimed_back_by_its_labels() 
         "its owner reference",
         f"label {sec.LABEL_MANAGED_BY}",
     ]
-    patch = sec.metadata_patch(secret=unlabelled, owner=OWNER, key=key, zenml_url=URL)
+    patch = sec.metadata_patch(secret=unlabelled, owner=OWNER, key=key, server=ServerData(URL))
     restored = merge_patch(unlabelled, patch)
     assert sec.is_owned_by(restored, "uid-1")
     assert restored["metadata"]["labels"][sec.LABEL_MANAGED_BY] == "zenml-operator"
-    assert sec.metadata_patch(secret=restored, owner=OWNER, key=key, zenml_url=URL) is None
+    assert sec.metadata_patch(secret=restored, owner=OWNER, key=key, server=ServerData(URL)) is None
 
 
 # --- the watch -------------------------------------------------------------------------------

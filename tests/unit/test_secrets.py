@@ -5,6 +5,7 @@ from __future__ import annotations
 from zenml_devstack.kube_emulator import merge_patch
 from zenml_operator import secrets as sec
 from zenml_operator.models import ApiKeySpec
+from zenml_operator.secrets import ServerData
 
 OWNER = {"metadata": {"name": "ci", "namespace": "team-a", "uid": "uid-1"}}
 URL = "http://zenml.example:8080"
@@ -16,7 +17,7 @@ def _secret(key: ApiKeySpec) -> dict:
         owner=OWNER,
         key=key,
         secret_name="ci-main",
-        zenml_url=URL,
+        server=ServerData(URL),
         key_id="kid",
         key_value=FAKE_VALUE,
         issued_at="2026-01-01T00:00:00Z",
@@ -40,19 +41,22 @@ def test_new_secret_is_opaque_owned_and_labelled() -> None:
 
 def test_unchanged_secret_needs_no_patch() -> None:
     key = ApiKeySpec(name="main", secret_template={"labels": {"a": "1"}, "annotations": {"b": "2"}})
-    assert sec.metadata_patch(secret=_secret(key), owner=OWNER, key=key, zenml_url=URL) is None
+    assert (
+        sec.metadata_patch(secret=_secret(key), owner=OWNER, key=key, server=ServerData(URL))
+        is None
+    )
 
 
 def test_renamed_data_keys_move_the_value() -> None:
     old = ApiKeySpec(name="main")
     new = ApiKeySpec(name="main", secret_template={"keys": {"url": "URL", "apiKey": "TOKEN"}})
     secret = _secret(old)
-    patch = sec.metadata_patch(secret=secret, owner=OWNER, key=new, zenml_url=URL)
+    patch = sec.metadata_patch(secret=secret, owner=OWNER, key=new, server=ServerData(URL))
     merged = merge_patch(secret, patch)
     assert set(merged["data"]) == {"URL", "TOKEN"}
     assert sec.unb64(merged["data"]["TOKEN"]) == FAKE_VALUE
     assert sec.secret_holds_key(merged, "kid")
-    assert sec.metadata_patch(secret=merged, owner=OWNER, key=new, zenml_url=URL) is None
+    assert sec.metadata_patch(secret=merged, owner=OWNER, key=new, server=ServerData(URL)) is None
 
 
 def test_template_labels_and_annotations_follow_the_spec() -> None:
@@ -61,7 +65,7 @@ def test_template_labels_and_annotations_follow_the_spec() -> None:
     secret = _secret(old)
     secret["metadata"]["labels"]["user-added"] = "kept"
     merged = merge_patch(
-        secret, sec.metadata_patch(secret=secret, owner=OWNER, key=new, zenml_url=URL)
+        secret, sec.metadata_patch(secret=secret, owner=OWNER, key=new, server=ServerData(URL))
     )
     labels = merged["metadata"]["labels"]
     assert "a" not in labels and labels["c"] == "3" and labels["user-added"] == "kept"
@@ -75,7 +79,7 @@ def test_value_patch_is_one_write_with_a_precondition() -> None:
         secret=secret,
         owner=OWNER,
         key=key,
-        zenml_url=URL,
+        server=ServerData(URL),
         key_id="kid2",
         key_value="ZENKEY_new",
         issued_at="2026-02-01T00:00:00Z",

@@ -49,6 +49,12 @@ class AccountSteps:
     def event(self, type: str, reason: str, message: str) -> None:
         self.deps.events(self.body, type=type, reason=reason, message=message)
 
+    async def bind_server(self, spec: ServiceAccountSpec) -> None:
+        """From here on, talk to the server spec.serverRef names (ServerNotReady when it
+        cannot be used now); without one, the operator's default server."""
+        if self.deps.servers is not None and spec.server_ref is not None:
+            self.deps = await self.deps.servers.bind(self.deps, spec.server_ref, self.namespace)
+
     # --- account -------------------------------------------------------------------
 
     async def find_owned_account(self, spec: ServiceAccountSpec) -> zc.ServiceAccountInfo | None:

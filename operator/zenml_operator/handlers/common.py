@@ -7,12 +7,16 @@ import contextlib
 import datetime
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import pydantic
 
 from zenml_operator import zenml_api as zc
 from zenml_operator.kube import KubeClient, KubeError
+
+if TYPE_CHECKING:
+    from zenml_operator.secrets import ServerData
+    from zenml_operator.servers import ServerDirectory
 
 
 class EventSink(Protocol):
@@ -27,7 +31,8 @@ class Deps:
 
     zenml: zc.ZenMLClient
     kube: KubeClient
-    secret_url: str
+    # What the Secrets of this client's server carry besides the key (URL, CA, Pro API).
+    server_data: ServerData
     events: EventSink
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     wakeups: dict[str, asyncio.Event] = field(default_factory=dict)
@@ -38,6 +43,8 @@ class Deps:
     # Kopf's in-memory index: a LIST per look would make every look O(all rotations).
     rotation_claims: Callable[[str, str, str], Iterable[tuple[str, str]]] = lambda *_: ()
     resync_seconds: float = 600.0
+    # The ZenMLServer/ClusterZenMLServer clients (servers.py); None: the default server only.
+    servers: ServerDirectory | None = None
 
     def lock_for(self, uid: str) -> asyncio.Lock:
         """Serialises the handlers and the resync timer of one object."""
@@ -61,6 +68,23 @@ class Deps:
         self.looked_at.pop(uid, None)
         for namespace, name in secrets:
             self.locks.pop(secret_lock(namespace, name), None)
+
+
+class _Overlay:
+    """Deps with a few fields replaced; everything else read through, also what is set on
+    the base later (Kopf's rotation index is attached by the first daemon)."""
+
+    def __init__(self, base: Deps, **overrides: Any) -> None:
+        self.__dict__.update(overrides)
+        self._base = base
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._base, name)
+
+
+def overlay(base: Deps, **overrides: Any) -> Deps:
+    """`base` with `overrides` (e.g. another server's client): locks and wake-ups shared."""
+    return cast(Deps, _Overlay(base, **overrides))
 
 
 class ReconcileProblem(Exception):
@@ -109,8 +133,8 @@ def classify(exc: BaseException) -> ReconcileProblem | None:
     if isinstance(exc, zc.UnauthorizedError):
         return ReconcileProblem(
             "ZenMLUnauthorized",
-            f"ZenML rejected the operator's credential: {exc}. Fix the operator's"
-            " ZENML_STORE_API_KEY Secret (a valid, active service-account key).",
+            f"ZenML rejected the operator's credential: {exc}. Fix the operator's credential"
+            " for that server (a valid, active service-account key).",
             retry=True,
         )
     if isinstance(exc, zc.UnavailableError):

@@ -34,6 +34,9 @@ async def finalize(body: Mapping[str, Any], deps: Deps) -> list[str]:
         )
     account = None
     if spec is not None:
+        # The account's server (held by its own finalizer while this resource exists).
+        await rec.bind_server(spec)
+        deps = rec.deps
         try:
             account = await rec.find_owned_account(spec)
         except ReconcileProblem as problem:

@@ -130,6 +130,9 @@ class RotationReconciler:
                 f"ServiceAccount {spec.service_account_name!r} has an invalid spec.",
                 retry=True,
             ) from None
+        if self.deps.servers is not None and sa_spec.server_ref is not None:
+            # A rotation follows its ServiceAccount's server.
+            self.deps = await self.deps.servers.bind(self.deps, sa_spec.server_ref, self.namespace)
         key = next((k for k in sa_spec.api_keys if k.name == spec.api_key_name), None)
         if key is None:
             names = ", ".join(k.name for k in sa_spec.api_keys) or "none"
@@ -442,7 +445,7 @@ class RotationReconciler:
                 secret=secret,
                 owner=sa,
                 key=key,
-                zenml_url=self.deps.secret_url,
+                server=self.deps.server_data,
                 key_id=issued.info.id,
                 key_value=issued.value.reveal(),
                 issued_at=issued_at,

@@ -282,7 +282,7 @@ class ServiceAccountReconciler(AccountSteps):
             else:
                 issued_at = annotations(secret).get(ANN_ISSUED_AT)
                 patch = sec.metadata_patch(
-                    secret=secret, owner=self.body, key=key, zenml_url=self.deps.secret_url
+                    secret=secret, owner=self.body, key=key, server=self.deps.server_data
                 )
                 if patch is not None:
                     restored = sec.repairs_in(secret=secret, owner=self.body, key=key)
@@ -355,7 +355,7 @@ class ServiceAccountReconciler(AccountSteps):
                 owner=self.body,
                 key=key,
                 secret_name=secret_name,
-                zenml_url=self.deps.secret_url,
+                server=self.deps.server_data,
                 key_id=issued.info.id,
                 key_value=issued.value.reveal(),
                 issued_at=issued_at,
@@ -368,7 +368,7 @@ class ServiceAccountReconciler(AccountSteps):
                 secret=secret,
                 owner=self.body,
                 key=key,
-                zenml_url=self.deps.secret_url,
+                server=self.deps.server_data,
                 key_id=issued.info.id,
                 key_value=issued.value.reveal(),
                 issued_at=issued_at,
@@ -425,10 +425,11 @@ class ServiceAccountReconciler(AccountSteps):
         """
         status: dict[str, Any] = {k: v for k, v in self.status.items() if k not in ("kopf",)}
         status["observedGeneration"] = self.generation
-        status["zenmlUrl"] = self.deps.secret_url
         try:
             spec = parse_spec(self.body)
             check_spec(spec, self.name)
+            await self.bind_server(spec)
+            status["zenmlUrl"] = self.deps.server_data.url
             account, all_keys = await self.load(spec, one_read=one_read)
             status.update(accountId=account.id, accountName=account.name, active=account.active)
             status.pop("createRequestedAt", None)

@@ -10,11 +10,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, Unpack
 
-import httpx
-
-from zenml_operator.zenml_api.connection import RequestObserver, ZenMLConnection
+from zenml_operator.zenml_api.connection import ConnectionOptions, ZenMLConnection
 from zenml_operator.zenml_api.errors import UnauthorizedError
 from zenml_operator.zenml_api.models import (
     ApiKeyInfo,
@@ -41,33 +39,9 @@ class ZenMLClient:
     page_size: int = 100
 
     def __init__(
-        self,
-        url: str,
-        api_key: str | Callable[[], str],
-        *,
-        timeout: float = 10.0,
-        max_retries: int = 3,
-        backoff: float = 0.5,
-        max_connections: int = 50,
-        heavy_concurrency: int = 8,
-        username: str | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
-        observer: RequestObserver | None = None,
-        background_rate: float | None = None,
+        self, url: str, api_key: str | Callable[[], str], **options: Unpack[ConnectionOptions]
     ) -> None:
-        self._connection = ZenMLConnection(
-            url,
-            api_key,
-            timeout=timeout,
-            max_retries=max_retries,
-            backoff=backoff,
-            max_connections=max_connections,
-            heavy_concurrency=heavy_concurrency,
-            username=username,
-            transport=transport,
-            observer=observer,
-            background_rate=background_rate,
-        )
+        self._connection = ZenMLConnection(url, api_key, **options)
 
     @property
     def url(self) -> str:
@@ -97,6 +71,23 @@ class ZenMLClient:
     async def current_user_name(self) -> str:
         data = await self._connection.call("GET", f"{API_PREFIX}/current-user")
         return str(data["name"])
+
+    async def server_info(self) -> ServerInfo:
+        """The server's id, version and deployment type (`GET /info`)."""
+        data = await self._connection.call("GET", f"{API_PREFIX}/info") or {}
+        return ServerInfo(
+            id=_text(data.get("id")),
+            version=_text(data.get("version")),
+            deployment_type=_text(data.get("deployment_type")),
+        )
+
+    async def ensure_login(self) -> None:
+        """Log in unless already logged in; raises UnauthorizedError when refused."""
+        await self._connection.ensure_login()
+
+    def forget_token(self) -> None:
+        """The credential changed: log in with it at the next request."""
+        self._connection.forget_token()
 
     async def get_service_account(self, name_or_id: str) -> ServiceAccountInfo:
         data = await self._connection.call("GET", _account_path(name_or_id))
@@ -202,6 +193,17 @@ class ZenMLClient:
 
     async def delete_api_key(self, account_id: str, key_id: str) -> None:
         await self._connection.call("DELETE", _key_path(account_id, key_id))
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerInfo:
+    id: str | None
+    version: str | None
+    deployment_type: str | None
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
 
 
 def _account_path(name_or_id: str) -> str:

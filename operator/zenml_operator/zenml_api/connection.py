@@ -17,10 +17,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from http.cookiejar import Cookie, CookieJar
-from typing import Any
+from typing import Any, TypedDict
 
 import httpx
 
@@ -42,6 +43,29 @@ _MAX_BACKOFF = 10.0
 # Called once per HTTP attempt (retries included): method, route template (see
 # `routes.route_template`), HTTP status or None when no response came back, and seconds.
 RequestObserver = Callable[[str, str, int | None, float], None]
+
+
+# Called when the server refused a login: re-reads the credential from where it lives (a
+# Secret) and says whether it changed, in which case the login is tried once more.
+SecretRefresher = Callable[[], Awaitable[bool]]
+
+
+class ConnectionOptions(TypedDict, total=False):
+    """The keyword arguments of `ZenMLConnection` besides url and secret (`ZenMLClient`
+    passes them through)."""
+
+    timeout: float
+    max_retries: int
+    backoff: float
+    max_connections: int
+    heavy_concurrency: int
+    username: str | None
+    transport: httpx.AsyncBaseTransport | None
+    observer: RequestObserver | None
+    background_rate: float | None
+    verify: ssl.SSLContext | bool
+    refresh_secret: SecretRefresher | None
+    credential_source: str | None
 
 
 class _NoCookieJar(CookieJar):
@@ -96,8 +120,14 @@ class ZenMLConnection:
         transport: httpx.AsyncBaseTransport | None = None,
         observer: RequestObserver | None = None,
         background_rate: float | None = None,
+        verify: ssl.SSLContext | bool = True,
+        refresh_secret: SecretRefresher | None = None,
+        credential_source: str | None = None,
     ) -> None:
         self._url = url.rstrip("/")
+        self._refresh_secret = refresh_secret
+        # What a refused login names as the credential (default: the operator's own).
+        self._credential_source = credential_source
         self._observer = observer
         # Requests made from `pacing.background_lane()` wait for a token of this bucket
         # (None or <= 0: background work is not paced). Other requests never wait for it.
@@ -128,6 +158,7 @@ class ZenMLConnection:
             cookies=no_cookie_jar(),
             transport=transport,
             follow_redirects=False,
+            verify=verify,
         )
 
     @property
@@ -141,6 +172,15 @@ class ZenMLConnection:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+    async def ensure_login(self) -> None:
+        """Log in now unless a token is held (raises the refusal)."""
+        await self._current_token()
+
+    def forget_token(self) -> None:
+        """The credential changed: the next request logs in with it (requests in flight
+        finish with the token they have)."""
+        self._token = None
 
     async def call(
         self,
@@ -241,7 +281,14 @@ class ZenMLConnection:
 
     async def _login(self) -> str:
         try:
-            token = await self._login_once()
+            try:
+                token = await self._login_once()
+            except UnauthorizedError:
+                # The credential may have been replaced where it lives (rotated in place):
+                # read it again, and try once more only if it changed.
+                if self._refresh_secret is None or not await self._refresh_secret():
+                    raise
+                token = await self._login_once()
         except UnauthorizedError as exc:
             self._refused = exc
             raise
@@ -268,7 +315,9 @@ class ZenMLConnection:
         return token_from(response, path)
 
     def _rejected_message(self, response: httpx.Response) -> str:
-        if self._username is not None:
+        if self._credential_source is not None:
+            who = self._credential_source
+        elif self._username is not None:
             who = f"the password of user {self._username!r}"
         else:
             # The variable `config.api_key_from_env` reads it from.
