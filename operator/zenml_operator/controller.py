@@ -27,8 +27,8 @@ from zenml_operator.background import BackgroundChecks
 from zenml_operator.config import OperatorConfig
 from zenml_operator.handlers import deletion
 from zenml_operator.handlers import rotation as rot
-from zenml_operator.handlers import service_account as sa
 from zenml_operator.handlers import server_resource as zs
+from zenml_operator.handlers import service_account as sa
 from zenml_operator.handlers.common import Deps, Outcome, classify
 from zenml_operator.kube import KubeError
 from zenml_operator.metrics import Metrics

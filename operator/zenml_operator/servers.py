@@ -234,6 +234,11 @@ class ServerDirectory:
             )
         try:
             server = await self.connect(obj)
+            # A credential ZenML refused is not tried again by every ServiceAccount (each try
+            # costs the server a bcrypt): the server's own check retries it, and clears this.
+            refused = server.client.login_refused
+            if refused is not None:
+                raise refused
             await server.client.ensure_login()
         except ReconcileProblem as problem:
             raise server_problem(
