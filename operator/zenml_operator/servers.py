@@ -197,6 +197,7 @@ class ServerDirectory:
         self._locks: dict[ServerKey, asyncio.Lock] = {}
         self._slots: dict[ServerKey, asyncio.Semaphore] = {}
         self._retired: list[zc.ZenMLClient] = []
+        self._closing: set[asyncio.Task[None]] = set()
 
     # --- for ServiceAccounts and rotations --------------------------------------------------
 
@@ -271,7 +272,7 @@ class ServerDirectory:
             server = await self._build(key, obj, spec)
             self._servers[key] = server
             if known is not None:
-                self._retired.append(known.client)  # requests in flight may still use it
+                self._retire(known.client)
             return server
 
     async def _build(
@@ -364,6 +365,22 @@ class ServerDirectory:
             raise server_problem("CredentialsNotFound", f"{where} does not exist")
         return credential_from(secret.get("data") or {}, where)
 
+    def _retire(self, client: zc.ZenMLClient) -> None:
+        """Close a replaced client once the requests in flight on it are surely done."""
+        self._retired.append(client)
+        grace = self.config.zenml_timeout * (self.config.zenml_retries + 1) + 5.0
+
+        async def close_later() -> None:
+            await asyncio.sleep(grace)
+            if client in self._retired:
+                self._retired.remove(client)
+                with contextlib.suppress(Exception):
+                    await client.aclose()
+
+        task = asyncio.create_task(close_later(), name="zenml-operator retired client")
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
     async def drop(self, key: ServerKey) -> None:
         """The server resource is gone: close its client."""
         server = self._servers.pop(key, None)
@@ -374,6 +391,8 @@ class ServerDirectory:
                 await server.client.aclose()
 
     async def aclose(self) -> None:
+        for task in list(self._closing):
+            task.cancel()
         clients = [s.client for s in self._servers.values()] + self._retired
         self._servers.clear()
         self._retired.clear()
