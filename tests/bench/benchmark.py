@@ -61,7 +61,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -549,46 +549,99 @@ def kube_counts(emulator: Any) -> collections.Counter[str]:
     return collections.Counter(emulator.__dict__.get("bench_counts") or {})
 
 
+# Why the watches here are shaped as they are (kube-apiserver 1.36 with Debian's etcd 3.4.23).
+# The apiserver serves watches from its watch cache. A watch WITHOUT a resourceVersion asks for
+# a consistent start: the cache must first reach etcd's current revision, and on a resource
+# with no recent writes it only gets there through etcd's progress notifications, which etcd
+# 3.4 does not support ("RequestWatchProgress feature is not supported" in the apiserver's
+# log). Every such attempt then ends after 3 s with an ERROR event (504 "Too large resource
+# version"), again and again while the resource stays idle: a wait for a ServiceAccount the
+# operator had made Ready in a second hung for 120 s that way. A watch FROM an explicit
+# resourceVersion (a LIST's or an event's) is served at once and waits for newer events. So:
+# - every watch starts from an explicit resourceVersion, and after an ERROR or a closed stream
+#   is re-opened from the last resourceVersion it saw (events come in resourceVersion order,
+#   so none is lost);
+# - a wait that does not time anything (`RealKube.wait_for`) checks the object with a LIST
+#   first, watches from that LIST's resourceVersion with a short deadline per attempt, and
+#   checks again after every ERROR, closed stream or deadline: it never depends on the watch;
+# - a watch that times what is measured stays a watch (a poll would add its interval), with
+#   the same LIST check after an ERROR as the fallback (`recover`).
+WATCH_ATTEMPT_SECONDS = 5.0
+WATCH_RETRY_CAP_SECONDS = 2.0
+
+Recover = Callable[[int | None, int | None], Awaitable[tuple[bool, int | None]]]
+
+
 async def follow_watch(
     http: Any,
     path: str,
     since: int | None,
     on_event: Callable[[dict[str, Any]], bool],
     params: Mapping[str, str] | None = None,
+    *,
+    recover: Recover | None = None,
+    attempt_timeout: float | None = None,
 ) -> None:
-    """Follow a watch until `on_event` returns True; re-opened from the last resourceVersion
-    seen when the server ends it (a real apiserver ends watches after its request timeout)."""
+    """Follow a watch from resourceVersion `since` until `on_event` returns True (see above).
+
+    Re-opened from the last resourceVersion seen whenever the server ends it (a real
+    apiserver ends watches after its request timeout) or sends an ERROR event. `recover(last,
+    code)` is awaited first when given, after an ERROR (`code`: its HTTP code, e.g. 504 or 410)
+    and, with `attempt_timeout`, after a closed or silent attempt (`code` None): the caller's
+    check of the state by a LIST; it returns (done, resourceVersion to resume from, or None
+    for the last seen). Without `recover`, a 410 Gone (the point compacted away) is fatal:
+    events would be lost. Bounded only by the caller's timeout."""
     last = since
-    retries = 0
     while True:
         query = {"watch": "true", **(params or {})}
         if last is not None:
             query["resourceVersion"] = str(last)
-        async with http.stream("GET", path, params=query, timeout=None) as response:
-            if response.status_code == 429 or response.status_code >= 500:
-                # A real apiserver answers 429 while the watch cache of a new CRD initialises.
-                await asyncio.sleep(float(response.headers.get("Retry-After") or 1))
-                continue
-            response.raise_for_status()
-            async for line in response.aiter_lines():
-                if not line.strip():
-                    continue
-                event = json.loads(line)
-                obj = event.get("object") or {}
-                if event.get("type") == "ERROR":
-                    # 504 "Too large resource version": the apiserver's watch cache lagged
-                    # (a loaded machine); retry from the same point. 410 Gone is fatal.
-                    if obj.get("code") == 410 or retries >= 30:
-                        raise RuntimeError(f"watch {path}: {obj.get('message')}")
-                    retries += 1
-                    retry_after = (obj.get("details") or {}).get("retryAfterSeconds") or 1
-                    await asyncio.sleep(float(retry_after))
-                    break
-                rv = (obj.get("metadata") or {}).get("resourceVersion")
-                if rv:
-                    last = int(rv)
-                if event.get("type") != "BOOKMARK" and on_event(event):
-                    return
+        code: int | None = None
+        delay = 0.0
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                if attempt_timeout is not None:
+                    await stack.enter_async_context(asyncio.timeout(attempt_timeout))
+                response = await stack.enter_async_context(
+                    http.stream("GET", path, params=query, timeout=None)
+                )
+                if response.status_code == 429 or response.status_code >= 500:
+                    # A real apiserver answers 429 while the watch cache of a new CRD
+                    # initialises.
+                    code = response.status_code
+                    delay = float(response.headers.get("Retry-After") or 1)
+                else:
+                    response.raise_for_status()
+                    async for line in response.aiter_lines():
+                        if not line.strip():
+                            continue
+                        event = json.loads(line)
+                        obj = event.get("object") or {}
+                        if event.get("type") == "ERROR":
+                            code = int(obj.get("code") or 500)
+                            details = obj.get("details") or {}
+                            delay = float(details.get("retryAfterSeconds") or 1)
+                            break
+                        rv = (obj.get("metadata") or {}).get("resourceVersion")
+                        if rv:
+                            last = int(rv)
+                        if event.get("type") != "BOOKMARK" and on_event(event):
+                            return
+        except TimeoutError:
+            if attempt_timeout is None:
+                raise
+            # This attempt's own deadline (the caller's would have cancelled us instead).
+        if recover is not None and (code is not None or attempt_timeout is not None):
+            done, resume = await recover(last, code)
+            if done:
+                return
+            if resume is not None:
+                last = resume
+                delay = 0.0
+        elif code == 410:
+            raise RuntimeError(f"watch {path}: 410 Gone from resourceVersion {last}")
+        if delay:
+            await asyncio.sleep(min(delay, WATCH_RETRY_CAP_SECONDS))
 
 
 def _kube_key(verb: str, resource: str, subresource: str | None) -> str:
@@ -612,6 +665,7 @@ class EmulatedKube:
         self.counted_as = "requests the emulator served (all clients)"
         self.changes_label = "resourceVersion delta"
         self.recording_errors: list[str] = []
+        self.watch_notes: list[str] = []
 
     async def start(self, workdir: Path) -> None:
         import httpx
@@ -651,6 +705,10 @@ class EmulatedKube:
 
     async def list(self, res: str) -> list[dict[str, Any]]:
         return list(self.emulator.list_objects(res, namespace=NS))
+
+    async def list_at(self, res: str) -> tuple[list[dict[str, Any]], int]:
+        """The objects and the resourceVersion they are current at (a watch resumes there)."""
+        return await self.list(res), int(self.emulator.resource_version)
 
     async def create_all(self, res: str, bodies: list[dict[str, Any]]) -> None:
         # One synchronous step (one event-loop turn): all N exist before the operator runs.
@@ -725,6 +783,7 @@ class RealKube:
         self._recorders: list[asyncio.Task[None]] = []
         self._recorded: list[tuple[int, str, dict[str, Any]]] = []
         self.recording_errors: list[str] = []
+        self.watch_notes: list[str] = []  # the watch fallbacks that were needed (the report)
 
     def _versions(self) -> str:
         def version(binary: str, flag: str) -> str:
@@ -868,17 +927,39 @@ class RealKube:
         return result
 
     async def list(self, res: str) -> list[dict[str, Any]]:
+        return (await self.list_at(res))[0]
+
+    async def list_at(
+        self, res: str, field_selector: str | None = None
+    ) -> tuple[list[dict[str, Any]], int]:
+        """The objects and the resourceVersion they are current at (a watch resumes there).
+
+        A LIST without resourceVersion is a consistent read, served from etcd here (the watch
+        cache cannot prove it is fresh without etcd's progress notifications): never the
+        watch cache's wait. Its pages all belong to the first page's snapshot."""
         items: list[dict[str, Any]] = []
         params = {"limit": "500"}
+        if field_selector:
+            params["fieldSelector"] = field_selector
+        version: int | None = None
         while True:
             response = await self.http.get(RES_PATHS[res], params=params)
             response.raise_for_status()
             data = response.json()
             items += data.get("items") or []
-            token = (data.get("metadata") or {}).get("continue")
+            meta = data.get("metadata") or {}
+            if version is None:
+                version = int(meta["resourceVersion"])
+            token = meta.get("continue")
             if not token:
-                return items
-            params = {"limit": "500", "continue": token}
+                return items, version
+            params = {**params, "continue": token}
+
+    async def get_at(self, res: str, name: str) -> tuple[dict[str, Any] | None, int]:
+        """One object (None when absent) and the resourceVersion of the check: a LIST by name,
+        which, unlike a GET, also says where a watch can resume when the object is absent."""
+        items, version = await self.list_at(res, f"metadata.name={name}")
+        return (items[0] if items else None), version
 
     async def create_all(self, res: str, bodies: list[dict[str, Any]]) -> None:
         """POSTs, 50 in flight (what `kubectl apply` of N manifests amounts to)."""
@@ -938,33 +1019,68 @@ class RealKube:
         return result
 
     async def wait_secret_key(self, name: str, since: int, timeout: float) -> str:
-        """A watch on that one Secret from `since` (the create's resourceVersion)."""
+        """A watch on that one Secret from `since` (the create's resourceVersion): it times the
+        latency, so a watch, not a poll. After an ERROR, or WATCH_ATTEMPT_SECONDS x 2 without
+        the Secret (never in a normal run: it comes within about a second), a LIST by name
+        checks for it (see `follow_watch`'s comment); a value found that way is noted, its
+        time being the LIST's, not the Secret's."""
         found: list[str] = []
 
-        def seen(event: dict[str, Any]) -> bool:
-            value = secret_key(event.get("object"))
+        def take(obj: Mapping[str, Any] | None) -> bool:
+            value = secret_key(obj)
             if value is not None:
                 found.append(value)
             return bool(found)
 
+        async def recover(last: int | None, code: int | None) -> tuple[bool, int | None]:
+            obj, version = await self.get_at(SECRET_RES, name)
+            if take(obj):
+                self.watch_notes.append(
+                    f"Secret {name} found by the LIST fallback after a watch "
+                    f"{'ERROR ' + str(code) if code else 'attempt without it'} (its time is late)"
+                )
+                return True, None
+            return False, version
+
         async with asyncio.timeout(timeout):
             await follow_watch(
-                self.http, SECRET_PATH, since, seen, {"fieldSelector": f"metadata.name={name}"}
+                self.http,
+                SECRET_PATH,
+                since,
+                lambda event: event.get("type") != "DELETED" and take(event.get("object")),
+                {"fieldSelector": f"metadata.name={name}"},
+                recover=recover,
+                attempt_timeout=2 * WATCH_ATTEMPT_SECONDS,
             )
         return found[0]
 
     async def wait_for(
         self, res: str, name: str, check: Callable[[dict[str, Any] | None], bool], timeout: float
     ) -> None:
-        """A watch on one object (its current state first: no resourceVersion)."""
+        """Untimed: a LIST by name checks the object; if it does not pass, a watch from that
+        LIST's resourceVersion, re-checked by another LIST after every ERROR, closed stream or
+        WATCH_ATTEMPT_SECONDS of silence, all within `timeout` (see `follow_watch`'s comment:
+        a watch without resourceVersion can fail for as long as the resource stays idle)."""
+
+        async def recover(last: int | None, code: int | None) -> tuple[bool, int | None]:
+            obj, version = await self.get_at(res, name)
+            return check(obj), version
+
+        def seen(event: dict[str, Any]) -> bool:
+            return check(None if event.get("type") == "DELETED" else event.get("object"))
+
         async with asyncio.timeout(timeout):
-            await follow_watch(
-                self.http,
-                RES_PATHS[res],
-                None,
-                lambda event: check(event.get("object")),
-                {"fieldSelector": f"metadata.name={name}"},
-            )
+            done, version = await recover(None, None)
+            if not done:
+                await follow_watch(
+                    self.http,
+                    RES_PATHS[res],
+                    version,
+                    seen,
+                    {"fieldSelector": f"metadata.name={name}"},
+                    recover=recover,
+                    attempt_timeout=WATCH_ATTEMPT_SECONDS,
+                )
 
     async def start_recording(self, since: int) -> None:
         """Watches from `since` on the kinds the operator writes in the namespace."""
@@ -981,9 +1097,38 @@ class RealKube:
 
             return record
 
+        def recover(plural: str, res: str) -> Recover:
+            # The changes are the measure: an ERROR re-opens from the last resourceVersion seen
+            # (nothing lost). Only a 410 Gone (that point compacted away) can lose events: then
+            # a LIST, whose objects changed after that point are recorded as MODIFIED (a
+            # deletion in between would be missed: said in a note).
+            async def check(last: int | None, code: int | None) -> tuple[bool, int | None]:
+                self.watch_notes.append(f"recording watch on {plural}: ERROR {code}")
+                if code != 410:
+                    return False, None
+                items, version = await self.list_at(res)
+                for obj in items:
+                    rv = int((obj.get("metadata") or {}).get("resourceVersion") or 0)
+                    if rv > (last or 0):
+                        self._recorded.append((rv, plural, {"type": "MODIFIED", "object": obj}))
+                self.watch_notes.append(
+                    f"recording watch on {plural}: 410 Gone from {last}; changes since then"
+                    f" taken from a LIST at {version} (deletions in between not seen)"
+                )
+                return False, version
+
+            return check
+
+        by_path = {path: res for res, path in RES_PATHS.items()}
         self._recorders = [
             asyncio.create_task(
-                follow_watch(self.http, path, since, recorder(path.rsplit("/", 1)[1]))
+                follow_watch(
+                    self.http,
+                    path,
+                    since,
+                    recorder(path.rsplit("/", 1)[1]),
+                    recover=recover(path.rsplit("/", 1)[1], by_path[path]),
+                )
             )
             for path in (SA_PATH, ROT_PATH, SECRET_PATH, EVENTS_PATH)
         ]
@@ -1278,9 +1423,29 @@ class Bench:
                 t_last = time.perf_counter()
             return len(finished) >= count
 
+        res = {p: r for r, p in RES_PATHS.items()}[path]
+
+        async def recover(last: int | None, code: int | None) -> tuple[bool, int | None]:
+            # After an ERROR (see `follow_watch`'s comment) the watch alone would re-open from
+            # the last resourceVersion seen and lose nothing; the LIST also covers a 410 Gone.
+            # Objects first seen there get the LIST's time (later than their change): noted.
+            items, version = await self.kube.list_at(res)
+            before = len(finished)
+            for obj in items:
+                seen({"type": "MODIFIED", "object": obj})
+            self.kube.watch_notes.append(
+                f"watch on {path}: ERROR {code}, re-checked by a LIST"
+                + (
+                    f" ({len(finished) - before} objects first seen there)"
+                    if len(finished) > before
+                    else ""
+                )
+            )
+            return len(finished) >= count, version
+
         try:
             async with asyncio.timeout(timeout):
-                await follow_watch(self.http, path, since, seen)
+                await follow_watch(self.http, path, since, seen, recover=recover)
         except TimeoutError:
             self.notes.append(f"watch on {path} timed out after {timeout:.0f} s")
         return t_last, len(finished)
@@ -2190,6 +2355,8 @@ class Bench:
         self.say(f"Kubernetes: {self.kube.description}")
         for note in self.notes:
             self.say(f"NOTE: {note}")
+        for note, times in collections.Counter(self.kube.watch_notes).items():
+            self.say(f"NOTE (watch): {note}" + (f" (x{times})" if times > 1 else ""))
         knobs = self.knobs()
         self.say(f"Operator settings: {knobs}")
         self.say("")
@@ -2220,6 +2387,7 @@ class Bench:
                         "rows": self.rows,
                         "details": self.details,
                         "notes": self.notes,
+                        "watch_notes": self.kube.watch_notes,
                         "load": [self.load_start, self.load_end],
                         "settings": knobs,
                         "kube": self.kube.description,
