@@ -30,6 +30,14 @@ def problem_of(exc: BaseException) -> ReconcileProblem | None:
             retry=True,
         )
     if isinstance(exc, zc.UnavailableError):
+        if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+            return ReconcileProblem(
+                "InvalidCA",
+                f"{exc}: the server's certificate does not verify against spec.caBundle (or"
+                " the system's CAs when caBundle is unset); set caBundle to the CA that"
+                " signed it",
+                retry=True,
+            )
         return ReconcileProblem("Unreachable", str(exc), retry=True)
     if isinstance(exc, zc.ZenMLError):
         return ReconcileProblem("Unreachable", f"ZenML answered an error: {exc}", retry=True)
