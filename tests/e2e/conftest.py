@@ -28,15 +28,16 @@ async def start_zenml_operator(
     """Start the real operator (its own login handler points at the emulator)."""
 
     async def start(
-        *, resync_seconds: float = 600.0, retry_delay: float = 0.5
+        *, resync_seconds: float = 600.0, retry_delay: float = 0.5, **settings: Any
     ) -> tuple[BackgroundOperator, kopf.Memo]:
+        """`settings`: more OperatorConfig fields (operator_namespace, zenml_timeout...)."""
         config = OperatorConfig(
             zenml_url=zenml_server.url,
             zenml_api_key=lambda: operator_api_key,
             kube_api_url=cluster.url,
             resync_seconds=resync_seconds,
             retry_delay=retry_delay,
-            zenml_retries=1,
+            **{"zenml_retries": 1, **settings},
         )
         memo = kopf.Memo()
         operator = await kopf_operator(build_registry(config), login=False, memo=memo)
@@ -82,11 +83,17 @@ def secret_value(secret: dict[str, Any], key: str = "ZENML_STORE_API_KEY") -> st
     return base64.b64decode(secret["data"][key]).decode()
 
 
-async def logs_in_as(url: str, api_key: str) -> str | None:
-    """The account name this key logs in as, or None if ZenML refuses it."""
+async def logs_in_as(url: str, api_key: str, *, verify: Any = True) -> str | None:
+    """The account name this key logs in as, or None if ZenML refuses it.
+
+    `verify`: the TLS trust for an https URL (`ZenMLServer.verify()`).
+    """
+    import httpx
+
     from zenml_operator.zenml_api import NotFoundError, UnauthorizedError
 
-    client = ZenMLClient(url, api_key, max_retries=0)
+    transport = None if verify is True else httpx.AsyncHTTPTransport(verify=verify)
+    client = ZenMLClient(url, api_key, max_retries=0, transport=transport)
     try:
         return await client.current_user_name()
     except (UnauthorizedError, NotFoundError):  # 404: a deleted key ("API key not found")

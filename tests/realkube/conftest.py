@@ -342,6 +342,9 @@ def installed(
         "ZENML_STORE_URL": zenml_server.url,
         "ZENML_STORE_API_KEY": operator_api_key,
         "ZENML_OPERATOR_RETRY_DELAY": "1",
+        # As the chart's Deployment sets it (downward API): ClusterZenMLServer credentials
+        # are read from this namespace only (the chart's serverCredentialNamespaces: none).
+        "ZENML_OPERATOR_NAMESPACE": OPERATOR_NAMESPACE,
     }
     operator = OperatorProcess(
         argv=[
