@@ -13,6 +13,7 @@ import pytest
 
 from control_plane import free_port
 from e2e.conftest import SA_PATH, SECRET_PATH, logs_in_as, wait_ready
+from e2e.test_rotation import ROT_PATH, rotation_body, wait_count
 from zenml_devstack.demo import run_real_client
 from zenml_devstack.kube_emulator import add_namespace
 from zenml_devstack.zenml_server import create_service_account_with_key, find_zenml_python
@@ -288,6 +289,28 @@ async def test_accounts_on_two_servers_each_key_logs_in_only_to_its_own(
     code, output = await run_real_client(find_zenml_python(), data_b)
     lines = [line.strip() for line in output.splitlines() if line.strip()]
     assert code == 0 and lines and lines[-1] == account, output[-1500:]
+
+    # An ApiKeyRotation follows its ServiceAccount's server: B's key is rotated on B.
+    await cluster.create(
+        ROT_PATH, rotation_body("rot-b", "on-b", apiKeyName="k", period="1h", retainPeriodMinutes=0)
+    )
+    await cluster.patch(
+        f"{ROT_PATH}/rot-b", {"metadata": {"annotations": {"zenml.io/rotate": "now"}}}
+    )
+    await wait_count(cluster, "rot-b", 1)
+    rotated = decoded(await sa_secret(cluster, "default", "on-b"))["ZENML_STORE_API_KEY"]
+    logins = {
+        "rotated on B": await login_name(zenml_server_b, rotated),
+        "rotated on A": await login_name(zenml_server, rotated),
+        "before the rotation on B": await login_name(zenml_server_b, key_b),
+        "A's key on A": await login_name(zenml_server, key_a),
+    }
+    assert logins == {
+        "rotated on B": account,
+        "rotated on A": None,
+        "before the rotation on B": None,  # retainPeriodMinutes: 0
+        "A's key on A": account,  # the other server's account is untouched
+    }
 
 
 @pytest.mark.xfail(
