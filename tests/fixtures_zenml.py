@@ -99,10 +99,9 @@ def _launch_server_b() -> None:
     _SERVER_B.update(dir=data_dir, pool=pool, future=pool.submit(_start_server_b, data_dir))
 
 
-def pytest_collection_modifyitems(
-    session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
-) -> None:
-    if any("zenml_server_b" in getattr(item, "fixturenames", ()) for item in items):
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # After deselection (-k, -m): only the tests that will run count.
+    if any("zenml_server_b" in getattr(item, "fixturenames", ()) for item in session.items):
         _launch_server_b()
 
 
