@@ -99,13 +99,7 @@ class Controller:
         server = key_of_body(body)
         if path.background:
             # Queued, not awaited: Kopf would hold this object's next change behind it.
-            async def check() -> bool:
-                outcome = await self._run_service_account(
-                    memo, namespace, name, uid, one_read=True, slots=self.background_slots
-                )
-                return outcome is not None and outcome.problem is not None and outcome.problem.retry
-
-            self.background(memo).submit(uid, check)
+            self.queue_service_account_check(memo, namespace, name, uid)
             return
         # A server's ServiceAccounts take that server's slots: the ones of a hanging server
         # cannot fill the slots the others need.
@@ -174,12 +168,19 @@ class Controller:
 
     # --- ZenMLServer / ClusterZenMLServer --------------------------------------------------
 
-    async def check_server(self, body: kopf.Body, memo: Any, *, retry: bool) -> None:
+    async def check_server(
+        self, body: kopf.Body, memo: Any, users: kopf.Index[Any, Any], *, retry: bool
+    ) -> None:
         """Check a server resource and write its status; `retry`: a failure that may heal
-        is retried after the retry delay (the timer checks again anyway)."""
+        is retried after the retry delay (the timer checks again anyway).
+
+        A check of a new generation (its URL, CA or Pro API URL may have changed, or it was
+        just created) also queues a check of every ServiceAccount that uses it, so their
+        Secrets follow at once, not at their next resync."""
         runner = self.runner(memo)
         servers = runner.deps.servers
         meta = body.metadata
+        observed = (body.get("status") or {}).get("observedGeneration")
 
         async def reconcile(fresh: dict[str, Any]) -> Outcome:
             return await zs.check_server(
@@ -189,8 +190,23 @@ class Controller:
         outcome = await runner.run(
             SERVERS[body["kind"]], meta.namespace, meta.name, meta.uid, reconcile
         )
+        if outcome is not None and outcome.problem is None and observed != meta.get("generation"):
+            key = ServerKey(body["kind"], meta.namespace, meta.name)
+            for namespace, name, uid in users.get(server_index_key(key), ()):
+                self.queue_service_account_check(memo, namespace, name, uid)
         if retry and outcome is not None and outcome.problem is not None and outcome.problem.retry:
             raise kopf.TemporaryError(outcome.problem.message, delay=self.config.retry_delay)
+
+    def queue_service_account_check(self, memo: Any, namespace: str, name: str, uid: str) -> None:
+        """A background check of one ServiceAccount (paced, on background workers)."""
+
+        async def check() -> bool:
+            outcome = await self._run_service_account(
+                memo, namespace, name, uid, one_read=True, slots=self.background_slots
+            )
+            return outcome is not None and outcome.problem is not None and outcome.problem.retry
+
+        self.background(memo).submit(uid, check)
 
     async def finalize_server(
         self, body: kopf.Body, memo: Any, users: kopf.Index[Any, Any]
@@ -199,7 +215,7 @@ class Controller:
         deps = lifecycle.deps_of(memo)
         meta = body.metadata
         key = ServerKey(body["kind"], meta.namespace, meta.name)
-        using = sorted(users.get(server_index_key(key), ()))
+        using = sorted(f"{ns}/{name}" for ns, name, _ in users.get(server_index_key(key), ()))
         if not using:
             if deps.servers is not None:
                 await deps.servers.drop(key)
@@ -221,12 +237,13 @@ class Controller:
 
     @staticmethod
     def server_user(
-        namespace: str, name: str, spec: Mapping[str, Any]
-    ) -> dict[tuple[str, str | None, str], str]:
-        """Which server a ServiceAccount uses, for the index a server's deletion reads."""
+        namespace: str, name: str, uid: str, spec: Mapping[str, Any]
+    ) -> dict[tuple[str, str | None, str], tuple[str, str, str]]:
+        """Which server a ServiceAccount uses, for the index a server's deletion and checks
+        read: (namespace, name, uid) of the ServiceAccount."""
         ref = spec.get("serverRef")
         key = key_of(ref if isinstance(ref, Mapping) else None, namespace)
-        return {server_index_key(key): f"{namespace}/{name}"} if key is not None else {}
+        return {server_index_key(key): (namespace, name, uid)} if key is not None else {}
 
     # --- ApiKeyRotation ------------------------------------------------------------------
 

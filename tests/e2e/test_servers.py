@@ -9,8 +9,6 @@ import base64
 import uuid
 from typing import Any
 
-import pytest
-
 from control_plane import free_port
 from e2e.conftest import SA_PATH, SECRET_PATH, logs_in_as, wait_ready
 from e2e.test_rotation import ROT_PATH, rotation_body, wait_count
@@ -314,11 +312,6 @@ async def test_accounts_on_two_servers_each_key_logs_in_only_to_its_own(
     }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="operator bug (reported): a change of a Ready server's spec does not reconcile its"
-    " ServiceAccounts; their Secrets follow only at the next resync (600 s)",
-)
 async def test_secrets_follow_a_change_of_their_server(
     cluster, start_zenml_operator, zenml_server_b, operator_api_key_b
 ) -> None:
