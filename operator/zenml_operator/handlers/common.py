@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 import pydantic
 
 from zenml_operator import zenml_api as zc
-from zenml_operator.kube import KubeClient, KubeError
+from zenml_operator.kube import KubeClient, KubeConflict, KubeError
 
 if TYPE_CHECKING:
     from zenml_operator.secrets import ServerData
@@ -169,6 +169,33 @@ def status_patch(current: Mapping[str, Any] | None, desired: Mapping[str, Any]) 
         if k not in desired and k != "kopf":
             changes[k] = None
     return changes
+
+
+async def patch_new_value(
+    kube: KubeClient,
+    namespace: str,
+    secret_name: str,
+    secret: Mapping[str, Any],
+    patch_for: Callable[[Mapping[str, Any]], dict[str, Any]],
+    still_ours: Callable[[Mapping[str, Any] | None], bool],
+    lost: Callable[[KubeConflict], Exception],
+) -> dict[str, Any]:
+    """Write a freshly issued key value into an existing Secret, conditional on its
+    resourceVersion (the patch carries it). Someone else's edit in between answers 409: the
+    Secret is read again and, while `still_ours` says the write still belongs there, written
+    again, so a new key is not abandoned for a label edit. Otherwise `lost(conflict)` is
+    raised."""
+    for _ in range(3):
+        try:
+            return await kube.patch_secret(namespace, secret_name, patch_for(secret))
+        except KubeConflict as conflict:
+            fresh = await kube.get_secret(namespace, secret_name)
+            if fresh is None or not still_ours(fresh):
+                raise lost(conflict) from None
+            secret = fresh
+    raise ReconcileProblem(
+        "KubernetesError", f"Secret {secret_name!r} kept changing; retrying.", retry=True
+    )
 
 
 def secret_lock(namespace: str, name: str) -> str:

@@ -36,11 +36,11 @@ from zenml_operator.handlers.common import (
     ReconcileProblem,
     classify,
     invalid_spec,
+    patch_new_value,
     retire_keys,
     secret_lock,
 )
 from zenml_operator.handlers.restarts import restart_targets
-from zenml_operator.kube import KubeConflict
 from zenml_operator.models import (
     API_VERSION,
     ROTATE_ANNOTATION,
@@ -440,9 +440,10 @@ class RotationReconciler:
         resourceVersion. Someone else's edit in between (a label, another value) answers 409:
         the Secret is read again and, while it still records the key this rotation replaces,
         written again, so the new key is not abandoned for a Secret edit."""
-        for _ in range(3):
-            patch = sec.value_patch(
-                secret=secret,
+
+        def patch_for(current: Mapping[str, Any]) -> dict[str, Any]:
+            return sec.value_patch(
+                secret=current,
                 owner=sa,
                 key=key,
                 server=self.deps.server_data,
@@ -451,19 +452,22 @@ class RotationReconciler:
                 issued_at=issued_at,
                 extra_annotations=extra,
             )
-            try:
-                return await self.deps.kube.patch_secret(self.namespace, secret_name, patch)
-            except KubeConflict:
-                fresh = await self.deps.kube.get_secret(self.namespace, secret_name)
-                if (
-                    fresh is None
-                    or not sec.is_owned_by(fresh, sa["metadata"]["uid"])
-                    or SecretRecord.of(fresh).key_id != current_id
-                ):
-                    raise  # deleted, taken, or switched to another key: the look starts over
-                secret = fresh
-        raise ReconcileProblem(
-            "KubernetesError", f"Secret {secret_name!r} kept changing; retrying.", retry=True
+
+        def still_ours(fresh: Mapping[str, Any]) -> bool:
+            # Deleted, taken, or switched to another key: the look starts over.
+            return (
+                sec.is_owned_by(fresh, sa["metadata"]["uid"])
+                and SecretRecord.of(fresh).key_id == current_id
+            )
+
+        return await patch_new_value(
+            self.deps.kube,
+            self.namespace,
+            secret_name,
+            secret,
+            patch_for,
+            still_ours=still_ours,
+            lost=lambda conflict: conflict,
         )
 
     async def rotate(

@@ -37,6 +37,7 @@ from zenml_operator.handlers.common import (
     ReconcileProblem,
     classify,
     invalid_spec,
+    patch_new_value,
     retire_keys,
     secret_lock,
 )
@@ -363,9 +364,10 @@ class ServiceAccountReconciler(AccountSteps):
             body["metadata"]["annotations"].update(record or {})
             await self.deps.kube.create_secret(self.namespace, body)
             return issued_at
-        for _ in range(3):
-            patch = sec.value_patch(
-                secret=secret,
+
+        def patch_for(current: Mapping[str, Any]) -> dict[str, Any]:
+            return sec.value_patch(
+                secret=current,
                 owner=self.body,
                 key=key,
                 server=self.deps.server_data,
@@ -374,20 +376,24 @@ class ServiceAccountReconciler(AccountSteps):
                 issued_at=issued_at,
                 extra_annotations=record,
             )
-            try:
-                await self.deps.kube.patch_secret(self.namespace, secret_name, patch)
-                return issued_at
-            except KubeConflict:
-                secret = await self.deps.kube.get_secret(self.namespace, secret_name)
-                if secret is None or not sec.is_owned_by(secret, self.uid):
-                    raise ReconcileProblem(
-                        "SecretConflict",
-                        f"Secret {secret_name!r} changed hands while a key was written; retrying.",
-                        retry=True,
-                    ) from None
-        raise ReconcileProblem(
-            "KubernetesError", f"Secret {secret_name!r} kept changing; retrying.", retry=True
+
+        def lost(_: KubeConflict) -> Exception:
+            return ReconcileProblem(
+                "SecretConflict",
+                f"Secret {secret_name!r} changed hands while a key was written; retrying.",
+                retry=True,
+            )
+
+        await patch_new_value(
+            self.deps.kube,
+            self.namespace,
+            secret_name,
+            secret,
+            patch_for,
+            still_ours=lambda fresh: sec.is_owned_by(fresh, self.uid),
+            lost=lost,
         )
+        return issued_at
 
     async def remove_key(
         self,
