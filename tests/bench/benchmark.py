@@ -34,7 +34,10 @@ Each figure is measured side by side in the same run:
    every Secret holds its new key, against a plain loop of N ZenML key creates;
 6. restart: a fresh operator process over the converged objects: ZenML requests per object
    and their peak rate per second (the background lane's pacing), and a ServiceAccount created
-   during the wave, against a loop reading each account's key list once.
+   during the wave, against a loop reading each account's key list once;
+8. servers (issue 13): a second real ZenML server B behind a ZenMLServer; M ServiceAccounts
+   on the default server created at once until all are Ready, beside M on B while B is
+   healthy, and while B hangs (SIGSTOP); then B's converge after the resume.
 
 Nothing here prints a key value. The output ends with the table in Markdown.
 """
@@ -76,7 +79,15 @@ SA_PATH = f"/apis/zenml.io/v1alpha1/namespaces/{NS}/serviceaccounts"
 ROT_PATH = f"/apis/zenml.io/v1alpha1/namespaces/{NS}/apikeyrotations"
 SECRET_PATH = f"/api/v1/namespaces/{NS}/secrets"
 EVENTS_PATH = f"/api/v1/namespaces/{NS}/events"
-RES_PATHS = {SA_RES: SA_PATH, ROT_RES: ROT_PATH, SECRET_RES: SECRET_PATH, "v1/events": EVENTS_PATH}
+ZS_RES = "zenml.io/v1alpha1/zenmlservers"
+ZS_PATH = f"/apis/zenml.io/v1alpha1/namespaces/{NS}/zenmlservers"
+RES_PATHS = {
+    SA_RES: SA_PATH,
+    ROT_RES: ROT_PATH,
+    SECRET_RES: SECRET_PATH,
+    "v1/events": EVENTS_PATH,
+    ZS_RES: ZS_PATH,
+}
 ROOT = Path(__file__).resolve().parents[2]
 ANN_KEY_ID = "zenml.io/api-key-id"
 ROTATE_ANNOTATION = "zenml.io/rotate"
@@ -449,13 +460,32 @@ def is_ready(obj: Mapping[str, Any] | None) -> bool:
     return bool(cond and cond.get("status") == "True")
 
 
-def sa_body(name: str) -> dict[str, Any]:
+def sa_body(name: str, server: str | None = None) -> dict[str, Any]:
+    """A ServiceAccount with one key `k`; `server`: the ZenMLServer it uses (else the
+    default server)."""
+    spec: dict[str, Any] = {"apiKeys": [{"name": "k"}]}
+    if server is not None:
+        spec["serverRef"] = {"kind": "ZenMLServer", "name": server}
     return {
         "apiVersion": "zenml.io/v1alpha1",
         "kind": "ServiceAccount",
         "metadata": {"name": name, "namespace": NS},
-        "spec": {"apiKeys": [{"name": "k"}]},
+        "spec": spec,
     }
+
+
+def server_logged_in(obj: Mapping[str, Any] | None) -> bool:
+    """A ZenMLServer Ready=True (LoggedIn) for its current generation."""
+    if not obj:
+        return False
+    status = obj.get("status") or {}
+    generation = (obj.get("metadata") or {}).get("generation")
+    for cond in status.get("conditions") or []:
+        if cond.get("type") != "Ready":
+            continue
+        observed = cond.get("observedGeneration", status.get("observedGeneration"))
+        return bool(observed == generation and cond.get("status") == "True")
+    return False
 
 
 def rotation_body(name: str, sa_name: str) -> dict[str, Any]:
@@ -1310,6 +1340,8 @@ class Bench:
                 await self.rotation(op)
             if "repair" not in skip:
                 await self.repair(op)
+            if "servers" not in skip:
+                await self.servers(op)
         finally:
             await op.stop()
             self.peak_rss.append(("operator during create/rotate phases", op.hwm))
@@ -1406,13 +1438,20 @@ class Bench:
     # --------------------------------------------------------------- 2. throughput
 
     async def watch_until(
-        self, path: str, since: int, done: Callable[[dict[str, Any]], bool], count: int
+        self,
+        path: str,
+        since: int,
+        done: Callable[[dict[str, Any]], bool],
+        count: int,
+        timeout: float | None = None,
+        times: list[float] | None = None,
     ) -> tuple[float, int]:
         """Follow a watch from resourceVersion `since`; return (time, how many) when `count`
-        distinct objects satisfied `done`, or at the timeout."""
+        distinct objects satisfied `done`, or at the timeout (default --phase-timeout).
+        `times`: gets the time each object was first seen satisfying `done`."""
         finished: set[str] = set()
         t_last = time.perf_counter()
-        timeout = self.args.phase_timeout
+        timeout = self.args.phase_timeout if timeout is None else timeout
 
         def seen(event: dict[str, Any]) -> bool:
             nonlocal t_last
@@ -1421,6 +1460,8 @@ class Bench:
             if name and name not in finished and done(obj):
                 finished.add(name)
                 t_last = time.perf_counter()
+                if times is not None:
+                    times.append(t_last)
             return len(finished) >= count
 
         res = {p: r for r, p in RES_PATHS.items()}[path]
@@ -1544,7 +1585,8 @@ class Bench:
         )
         return t_loop, server_cpu_loop
 
-    async def check_logins(self, names: Iterable[str], what: str) -> None:
+    async def check_logins(self, names: Iterable[str], what: str, url: str | None = None) -> None:
+        """Sampled Secrets' keys tried against ZenML (`url`: another server than the default)."""
         checked = failed = 0
         for name in names:
             value = secret_key(await self.kube.get(SECRET_RES, f"{name}-k"))
@@ -1552,7 +1594,7 @@ class Bench:
             try:
                 if value is None:
                     raise ValueError("no key")
-                await login_with_api_key(self.server.url, value)
+                await login_with_api_key(url or self.server.url, value)
             except Exception:
                 failed += 1
         self.detail(f"{what}: {checked - failed}/{checked} sampled Secrets log in to ZenML")
@@ -2259,7 +2301,7 @@ class Bench:
         self.notes.append(f"repair: {name} ({how}) not repaired within 120 s")
         return float("inf"), float("inf")
 
-    async def delete_all(self, names: list[str]) -> None:
+    async def delete_all(self, names: list[str], phase: str = "repair") -> None:
         """Delete ServiceAccounts and wait until they are gone (finalizers released)."""
         gate = asyncio.Semaphore(20)
 
@@ -2275,7 +2317,250 @@ class Bench:
             if not left:
                 return
             await asyncio.sleep(0.5)
-        self.notes.append(f"repair: {len(left)} ServiceAccounts not deleted in time")
+        self.notes.append(f"{phase}: {len(left)} ServiceAccounts not deleted in time")
+
+    # --------------------------------------------------------------- 8. several servers
+
+    async def servers(self, op: OperatorProcess) -> None:
+        """One client per ZenML server (issue 13): a slow or hung server must not stall the
+        ServiceAccounts of another. A second real ZenML server B, reached through a
+        ZenMLServer `b` in the namespace; M ServiceAccounts on the default server (A) are
+        created at once and timed until all are Ready: alone (the reference), beside M on B
+        while B is healthy, and beside M on B while B hangs (SIGSTOP: connections accepted,
+        never answered). B then resumes (SIGCONT) and its M are timed until Ready. All the
+        phase created is deleted again (B answering), so the later phases see the same
+        objects; B is resumed whatever happens, and stopped at the end."""
+        from zenml_devstack.zenml_server import (
+            create_service_account_with_key,
+            start_zenml_server,
+        )
+
+        m = self.args.servers_n or min(self.n, 50)
+        self.say(
+            f"[servers] a second ZenML server B (ZenMLServer b): {m} ServiceAccounts on the"
+            f" default server at once, alone, then beside {m} on B healthy, then beside {m} on"
+            " B hung (SIGSTOP)"
+        )
+        t_start = time.perf_counter()
+        server_b = await asyncio.to_thread(start_zenml_server, self.workdir / "zenml-b")
+        t_server = time.perf_counter() - t_start
+        created: list[str] = []  # the phase's ServiceAccounts, deleted at the end
+        credentials = f"zenml-b-credentials-{self.tag}"
+        cases: dict[str, dict[str, Any]] = {}
+        try:
+            key_b = await asyncio.to_thread(
+                create_service_account_with_key,
+                server_b.url,
+                server_b.admin_password,
+                OPERATOR_ACCOUNT,
+            )
+            server_b.grant_admin(OPERATOR_ACCOUNT)
+            secret = {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "type": "Opaque",
+                "metadata": {"name": credentials, "namespace": NS},
+                "data": {"ZENML_STORE_API_KEY": base64.b64encode(key_b.encode()).decode()},
+            }
+            del key_b
+            response = await self.http.post(SECRET_PATH, json=secret)
+            response.raise_for_status()
+            response = await self.http.post(
+                ZS_PATH,
+                json={
+                    "apiVersion": "zenml.io/v1alpha1",
+                    "kind": "ZenMLServer",
+                    "metadata": {"name": "b", "namespace": NS},
+                    "spec": {"url": server_b.url, "credentials": {"secretName": credentials}},
+                },
+            )
+            response.raise_for_status()
+            t0 = time.perf_counter()
+            await self.kube.wait_for(ZS_RES, "b", server_logged_in, 120)
+            self.detail(
+                f"server B {server_b.url} (pid {server_b.process.pid}) started in"
+                f" {t_server:.1f} s; ZenMLServer b LoggedIn {time.perf_counter() - t0:.1f} s"
+                " after its create"
+            )
+            for label in ("alone", "healthy", "hung"):
+                cases[label] = await self.servers_case(op, label, m, server_b, created)
+            hung_b = [f"srv-b-hung-{self.tag}-{i}" for i in range(m)]
+            await self.check_logins(hung_b[:: max(1, m // 3)][:3], "B after the hang", server_b.url)
+        finally:
+            server_b.resume()  # never leave it stopped (a no-op when it runs)
+            try:
+                t0 = time.perf_counter()
+                if created:
+                    await self.delete_all(created, "servers")
+                response = await self.http.delete(f"{ZS_PATH}/b")
+                if response.status_code != 404:
+                    await self.kube.wait_for(ZS_RES, "b", lambda obj: obj is None, 120)
+                await self.http.delete(f"{SECRET_PATH}/{credentials}")
+                self.detail(
+                    f"clean-up: {len(created)} ServiceAccounts and ZenMLServer b deleted in"
+                    f" {time.perf_counter() - t0:.1f} s"
+                )
+            finally:
+                await asyncio.to_thread(server_b.stop)
+        self.servers_rows(m, cases, time.perf_counter() - t_start)
+
+    async def servers_case(
+        self,
+        op: OperatorProcess,
+        label: str,
+        m: int,
+        server_b: Any,
+        created: list[str],
+    ) -> dict[str, Any]:
+        """One measurement of the servers phase: M ServiceAccounts on A created at once (and,
+        unless `label` is alone, M on B created with them, interleaved); A's time until all
+        are Ready. `hung`: B is stopped (SIGSTOP) from just before the creates until A's are
+        all Ready; then B's Ready ones are counted, B resumed, and B's timed from there."""
+        on_b, hang = label != "alone", label == "hung"
+        timeout = min(self.args.phase_timeout, 600.0)
+        a_names = [f"srv-a-{label}-{self.tag}-{i}" for i in range(m)]
+        b_names = [f"srv-b-{label}-{self.tag}-{i}" for i in range(m)] if on_b else []
+        a_set, b_set = set(a_names), set(b_names)
+        bodies = []
+        for i, name in enumerate(a_names):
+            bodies.append(sa_body(name))
+            if on_b:
+                bodies.append(sa_body(b_names[i], server="b"))
+        created += a_names + b_names
+
+        def ready_in(names: set[str]) -> Callable[[dict[str, Any]], bool]:
+            return lambda obj: (obj.get("metadata") or {}).get("name") in names and is_ready(obj)
+
+        before = await op.stats()
+        since = await self.kube.resource_version()
+        a_pid, b_pid = self.server.process.pid, server_b.process.pid
+        cpu0 = (_cpu_seconds(a_pid), _cpu_seconds(b_pid), self.kube.cpu())
+        result: dict[str, Any] = {"m": m}
+        watchers: list[asyncio.Task[tuple[float, int]]] = []
+        b_times: list[float] = []
+        try:
+            if hang:
+                server_b.pause()
+            try:
+                t0 = time.perf_counter()
+                watchers.append(
+                    asyncio.create_task(
+                        self.watch_until(SA_PATH, since, ready_in(a_set), m, timeout)
+                    )
+                )
+                if on_b:
+                    watchers.append(
+                        asyncio.create_task(
+                            self.watch_until(
+                                SA_PATH, since, ready_in(b_set), m, timeout, times=b_times
+                            )
+                        )
+                    )
+                await self.kube.create_all(SA_RES, bodies)
+                t_created = time.perf_counter() - t0
+                t_a, ready_a = await watchers[0]
+                result.update(a_seconds=t_a - t0, a_ready=ready_a)
+                delta = (await op.stats()).minus(before)
+                server_cpu = (_cpu_seconds(a_pid) - cpu0[0], _cpu_seconds(b_pid) - cpu0[1])
+                kube_cpu = self.kube_cpu(cpu0[2])
+                if hang:
+                    objs = [
+                        obj
+                        for obj in await self.kube.list(SA_RES)
+                        if obj["metadata"]["name"] in b_set
+                    ]
+                    reasons = collections.Counter(
+                        (ready_condition(obj) or {}).get("reason") or "(no condition yet)"
+                        for obj in objs
+                    )
+                    result.update(
+                        b_ready_while_hung=sum(is_ready(obj) for obj in objs),
+                        b_reasons_while_hung=dict(reasons.most_common()),
+                        hung_seconds=time.perf_counter() - t0,
+                    )
+            finally:
+                if hang:
+                    server_b.resume()
+            t_from = time.perf_counter() if hang else t0
+            if on_b:
+                t_b, ready_b = await watchers[1]
+                first = min(b_times, default=t_b)
+                result.update(
+                    b_seconds=max(0.0, t_b - t_from),
+                    b_first_seconds=max(0.0, first - t_from),
+                    b_ready=ready_b,
+                )
+        finally:
+            for task in watchers:
+                task.cancel()
+        text = (
+            f"{label}: {result['a_ready']}/{m} on A Ready in {result['a_seconds']:.1f} s (all"
+            f" created after {t_created:.1f} s)"
+        )
+        if hang:
+            reasons_text = ", ".join(f"{k} {v}" for k, v in result["b_reasons_while_hung"].items())
+            text += (
+                f"; B's while hung ({result['hung_seconds']:.1f} s):"
+                f" {result['b_ready_while_hung']}/{m} Ready ({reasons_text}); after the"
+                f" resume the first Ready in {result['b_first_seconds']:.1f} s,"
+                f" {result['b_ready']}/{m} in {result['b_seconds']:.1f} s"
+            )
+        elif on_b:
+            text += f"; B's {result['b_ready']}/{m} Ready in {result['b_seconds']:.1f} s"
+        self.detail(
+            f"{text}; CPU while A's converged: operator {delta.cpu:.1f} s, ZenML server A"
+            f" {server_cpu[0]:.1f} s, B {server_cpu[1]:.1f} s, {kube_cpu}"
+        )
+        result.update(
+            operator_cpu=delta.cpu, server_a_cpu=server_cpu[0], server_b_cpu=server_cpu[1]
+        )
+        return result
+
+    def servers_rows(self, m: int, cases: Mapping[str, Mapping[str, Any]], took: float) -> None:
+        alone, healthy, hung = (cases.get(k) or {} for k in ("alone", "healthy", "hung"))
+        self.servers_result = {"m": m, "phase_seconds": took, **cases}
+        if not (alone and healthy and hung):
+            self.notes.append("servers: the phase did not complete (see the detail lines)")
+            return
+        from zenml_operator.config import OperatorConfig
+
+        default = OperatorConfig(zenml_url="", zenml_api_key=str)
+        a = self.args
+        timeout = default.zenml_timeout if a.zenml_timeout is None else a.zenml_timeout
+        retry = default.retry_delay if a.retry_delay is None else a.retry_delay
+        t_hung, t_healthy, t_alone = hung["a_seconds"], healthy["a_seconds"], alone["a_seconds"]
+        ratio = t_hung / t_healthy
+        self.servers_result["ratio_hung_healthy"] = ratio
+        self.servers_result["ratio_hung_alone"] = t_hung / t_alone
+        all_a = all(c["a_ready"] == m for c in (alone, healthy, hung))
+        vs_alone = t_hung / t_alone
+        self.add_row(
+            f"8. Servers: {m} ServiceAccounts on the default server at once → all Ready, beside"
+            f" {m} on server B: B hung | B healthy",
+            f"{t_hung:.1f} s (B hung)",
+            f"{t_healthy:.1f} s (B healthy)",
+            ratio,
+            "≤ 1.2 (and vs A alone)",
+            all_a and ratio <= 1.2 and vs_alone <= 1.2,
+            f"A alone: {t_alone:.1f} s (B hung / A alone {vs_alone:.2f}); a healthy B also"
+            " takes CPU of the same cores (its key creates), a hung one none",
+        )
+        b_hung = hung["b_ready_while_hung"]
+        self.add_row(
+            f"   Servers: B's {m} ServiceAccounts created while B hangs → Ready while hung /"
+            " after the resume",
+            f"{b_hung}/{m} while hung ({hung['hung_seconds']:.0f} s); {hung['b_ready']}/{m}"
+            f" {hung['b_seconds']:.1f} s after the resume (first"
+            f" {hung['b_first_seconds']:.1f} s)",
+            f"{healthy['b_seconds']:.1f} s (B healthy: {healthy['b_ready']}/{m} from create)",
+            None,
+            "0 while hung; all after",
+            b_hung == 0 and hung["b_ready"] == m and healthy["b_ready"] == m,
+            "B stopped by SIGSTOP (connections accepted, never answered); operator ZenML"
+            f" timeout {timeout:g} s, retry delay {retry:g} s (a hang longer than the timeout"
+            f" leaves B's to wait out the retry delay after the resume); phase {took:.0f} s with"
+            " B's start and the clean-up",
+        )
 
     # --------------------------------------------------------------- 4. memory
 
@@ -2391,6 +2676,7 @@ class Bench:
                         "load": [self.load_start, self.load_end],
                         "settings": knobs,
                         "kube": self.kube.description,
+                        "servers": getattr(self, "servers_result", None),
                     },
                     indent=2,
                 )
@@ -2442,8 +2728,15 @@ def parser() -> argparse.ArgumentParser:
         "--skip",
         type=lambda s: [x for x in s.split(",") if x],
         default=[],
-        help="comma list of: latency, cli, rotation, restart, idle, loop (the REST-loop"
-        " baselines of throughput and rotation: halves the set-up of a memory/idle run)",
+        help="comma list of: latency, cli, rotation, repair, servers, restart, idle, loop (the"
+        " REST-loop baselines of throughput and rotation: halves the set-up of a memory/idle"
+        " run)",
+    )
+    p.add_argument(
+        "--servers-n",
+        type=int,
+        default=None,
+        help="servers phase: ServiceAccounts per server and case (default min(N, 50))",
     )
     p.add_argument(
         "--background-rate",
