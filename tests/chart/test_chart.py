@@ -81,7 +81,6 @@ OPERATOR_RULES: dict[tuple[str, str], set[str]] = {
     # for objects it owns, as for serviceaccounts above.
     ("zenml.io", "zenmlservers"): {"get", "list", "watch", "patch"},
     ("zenml.io", "zenmlservers/status"): {"patch"},
-    ("zenml.io", "zenmlservers/finalizers"): {"update"},
     # kube.KubeClient.get_secret / create_secret / patch_secret / delete_secret
     # (handlers/service_account.py: ensure_key, write_value, remove_key, finalize).
     # list/watch: kube.KubeClient.list_secrets / watch_secrets (secret_watch.SecretWatch,
@@ -101,13 +100,12 @@ OPERATOR_RULES: dict[tuple[str, str], set[str]] = {
 CLUSTER_SERVER_RULES = {
     ("zenml.io", "clusterzenmlservers"): {"get", "list", "watch", "patch"},
     ("zenml.io", "clusterzenmlservers/status"): {"patch"},
-    ("zenml.io", "clusterzenmlservers/finalizers"): {"update"},
 }
 CLUSTER_RULES = OPERATOR_RULES | CLUSTER_SERVER_RULES
 # rbac.scope=namespaced: the Secrets of ClusterZenMLServer credentials in the release
 # namespace and serverCredentialNamespaces (when not watched): read, and watched by name so
 # that a credential changed in place is picked up without a restart. Never written.
-CREDENTIAL_RULES = {("", "secrets"): {"get", "list", "watch"}}
+CREDENTIAL_RULES = {("", "secrets"): {"get"}}
 # Kopf's resource observer watches CRDs (kopf/_core/reactor/observation.py,
 # resource_observer) in every mode; with --all-namespaces it does NOT list namespaces
 # (namespace_observer skips them when clusterwide), with --namespace it lists and watches

@@ -15,6 +15,7 @@ from the Helm chart by Helm's own engine:
 
 from __future__ import annotations
 
+import base64
 import platform
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ except ImportError:
 NO_HELM = "helm-python-sdk has no wheel for this platform (linux-arm64): no chart to render"
 needs_helm = pytest.mark.skipif(helm is None, reason=NO_HELM)
 
+RELEASE_NS = "zenml-system"  # where render() installs the chart
 CHART = Path(__file__).resolve().parents[2] / "charts" / "zenml-operator"
 WATCHED = ["default", "team-a"]  # the namespaces the test operator watches
 BASE = {
@@ -135,6 +137,62 @@ def observed(requests: list[Any]) -> tuple[set[tuple[str | None, Rule]], list[st
     return seen, discovery
 
 
+ZS = "zenml.io/v1alpha1/zenmlservers"
+CZS = "zenml.io/v1alpha1/clusterzenmlservers"
+
+
+async def servers_scenario(emulator: Any, cluster: Any, name: str, api_key: str) -> None:
+    """A ZenMLServer and a ClusterZenMLServer (both the test's ZenML server, credentials in a
+    Secret of the watched namespace), a ServiceAccount on each, then all of it deleted."""
+    sa = "zenml.io/v1alpha1/serviceaccounts"
+    creds = f"{name}-creds"
+    emulator.create_object(
+        "v1/secrets",
+        {
+            "metadata": {"name": creds, "namespace": NS},
+            "data": {"ZENML_STORE_API_KEY": base64.b64encode(api_key.encode()).decode()},
+        },
+    )
+    spec = {"url": SERVER_URL[0], "credentials": {"secretName": creds}}
+    emulator.create_object(ZS, {"metadata": {"name": name, "namespace": NS}, "spec": spec})
+    cluster_spec = {**spec, "credentials": {"secretName": creds, "namespace": NS}}
+    emulator.create_object(CZS, {"metadata": {"name": name}, "spec": cluster_spec})
+    users = {}
+    for kind in ("ZenMLServer", "ClusterZenMLServer"):
+        user = f"{name}-{kind.lower()}"
+        emulator.create_object(
+            sa,
+            {
+                "metadata": {"name": user, "namespace": NS},
+                "spec": {"serverRef": {"kind": kind, "name": name}, "apiKeys": [{"name": "k"}]},
+            },
+        )
+        users[kind] = user
+
+    def ready(resource: str, namespace: str | None, obj_name: str) -> bool:
+        obj = emulator.get_object(resource, namespace, obj_name) or {}
+        conds = (obj.get("status") or {}).get("conditions") or []
+        return any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
+
+    for user in users.values():
+        await cluster.wait_for(lambda user=user: ready(sa, NS, user), timeout=30)
+    # Deleted while still used: held (DeletionBlocked), then released with its users.
+    emulator.delete_object(ZS, NS, name)
+    emulator.delete_object(CZS, None, name)
+    for user in users.values():
+        emulator.delete_object(sa, NS, user)
+    await cluster.wait_for(
+        lambda: (
+            emulator.get_object(ZS, NS, name) is None
+            and emulator.get_object(CZS, None, name) is None
+        ),
+        timeout=40,
+    )
+
+
+SERVER_URL: list[str] = []
+
+
 @needs_helm
 async def test_every_request_is_granted_and_every_grant_is_used(
     cluster,
@@ -146,6 +204,7 @@ async def test_every_request_is_granted_and_every_grant_is_used(
     capsys,
 ) -> None:
     emulator = cluster.emulator
+    SERVER_URL[:] = [zenml_server.url]
     # As `zenml-operator run -n default -n team-a` runs it: the Secret watch follows the
     # watched namespaces (a Role grants list/watch there only, in namespaced mode).
     config = OperatorConfig(
@@ -206,6 +265,7 @@ async def test_every_request_is_granted_and_every_grant_is_used(
     await cluster.wait_for(lambda: emulator.get_object(sa, NS, name) is None, timeout=20)
     with pytest.raises(zc.NotFoundError):
         await zenml_client.get_service_account(name)
+    await servers_scenario(emulator, cluster, name, operator_api_key)
 
     seen, discovery = observed(list(emulator._requests))
     assert all(path.startswith(DISCOVERY) for path in (d.split()[1] for d in discovery))
@@ -225,7 +285,10 @@ async def test_every_request_is_granted_and_every_grant_is_used(
         assert unused == [], f"{mode}: granted but never used (and not explained): {unused}"
         if mode == "namespaced":
             assert not any(r[1] == "secrets" for r in cluster_wide), "cluster-wide Secret access"
-            assert set(per_namespace) == set(WATCHED)
+            # Besides the watched namespaces, only a Role to read ClusterZenMLServer
+            # credentials by name in the operator's own namespace.
+            assert set(per_namespace) == {*WATCHED, RELEASE_NS}
+            assert per_namespace[RELEASE_NS] == {("", "secrets", "get")}
         report[mode] = (len(granted), len(granted & used))
     with capsys.disabled():
         print(

@@ -90,9 +90,9 @@ holds the same table and fails when either side changes alone.
 # Secrets carry an ownerReference to their ServiceAccount with blockOwnerDeletion (so a
 # foreground deletion waits for them); clusters with the OwnerReferencesPermissionEnforcement
 # admission plugin (OpenShift) allow that only to who may update the owner's finalizers.
-# zenmlservers/finalizers: the same for objects owned by a server resource.
+# (Nothing is owned by a server resource: no zenmlservers/finalizers.)
 - apiGroups: ["zenml.io"]
-  resources: ["serviceaccounts/finalizers", "zenmlservers/finalizers"]
+  resources: ["serviceaccounts/finalizers"]
   verbs: ["update"]
 # kube.KubeClient.{get,create,patch,delete}_secret: the Secrets holding the issued keys.
 # list/watch: secret_watch.SecretWatch follows the operator's own Secrets, filtered by the
@@ -122,9 +122,6 @@ rbac.scope=namespaced. Watched, patched for the finalizer and annotations, statu
 - apiGroups: ["zenml.io"]
   resources: ["clusterzenmlservers/status"]
   verbs: ["patch"]
-- apiGroups: ["zenml.io"]
-  resources: ["clusterzenmlservers/finalizers"]
-  verbs: ["update"]
 {{- end }}
 
 {{/*
@@ -149,7 +146,8 @@ namespace that is not watched): get, and list/watch with a field selector on the
 that a credential changed in place is picked up without a restart.
 */}}
 {{- define "zenml-operator.credentialRules" -}}
+# servers.ServerDirectory.read_credential: a GET by name (no list, no watch).
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["get"]
 {{- end }}
