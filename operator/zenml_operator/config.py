@@ -27,9 +27,9 @@ class OperatorConfig:
     resync_seconds: float = 600.0
     zenml_timeout: float = 10.0
     zenml_retries: int = 3
-    zenml_max_connections: int = 50
+    zenml_max_connections: int = 16
     # Key creates/rotations and logins in flight at once (each costs the server a bcrypt).
-    zenml_heavy_concurrency: int = 8
+    zenml_heavy_concurrency: int = 4
     # Reconciles (ServiceAccount runs, rotation looks) in progress at once; the rest wait
     # their turn. Bounds the memory of a start-up over thousands of objects.
     max_concurrent_reconciles: int = 64
@@ -127,8 +127,8 @@ def config_from_env(namespaces: tuple[str, ...] = ()) -> OperatorConfig:
         namespaces=namespaces,
         resync_seconds=_env_float("ZENML_OPERATOR_RESYNC_SECONDS", 600.0),
         zenml_timeout=_env_float("ZENML_OPERATOR_ZENML_TIMEOUT", 10.0),
-        zenml_max_connections=int(_env_float("ZENML_OPERATOR_ZENML_MAX_CONNECTIONS", 50)),
-        zenml_heavy_concurrency=int(_env_float("ZENML_OPERATOR_ZENML_HEAVY_CONCURRENCY", 8)),
+        zenml_max_connections=int(_env_float("ZENML_OPERATOR_ZENML_MAX_CONNECTIONS", 16)),
+        zenml_heavy_concurrency=int(_env_float("ZENML_OPERATOR_ZENML_HEAVY_CONCURRENCY", 4)),
         max_concurrent_reconciles=int(_env_float("ZENML_OPERATOR_MAX_CONCURRENT_RECONCILES", 64)),
         background_rate=_env_float("ZENML_OPERATOR_BACKGROUND_RATE", 20.0),
         retry_delay=_env_float("ZENML_OPERATOR_RETRY_DELAY", 15.0),
