@@ -35,7 +35,7 @@ from zenml_operator.metrics import Metrics
 from zenml_operator.models import API_VERSION, ROTATE_ANNOTATION
 from zenml_operator.runner import Kind, Runner, ready_of, reason_of
 from zenml_operator.scheduling import next_look_in, sleep_until
-from zenml_operator.servers import PLURALS, ServerKey, key_of, key_of_body
+from zenml_operator.servers import PLURALS, ServerKey, key_of_body
 from zenml_operator.timestamps import parse_time, utcnow
 from zenml_operator.zenml_api.pacing import background_lane
 
@@ -168,9 +168,7 @@ class Controller:
 
     # --- ZenMLServer / ClusterZenMLServer --------------------------------------------------
 
-    async def check_server(
-        self, body: kopf.Body, memo: Any, users: kopf.Index[Any, Any], *, retry: bool
-    ) -> None:
+    async def check_server(self, body: kopf.Body, memo: Any, *, retry: bool) -> None:
         """Check a server resource and write its status; `retry`: a failure that may heal
         is retried after the retry delay (the timer checks again anyway).
 
@@ -192,7 +190,7 @@ class Controller:
         )
         if outcome is not None and outcome.problem is None and observed != meta.get("generation"):
             key = ServerKey(body["kind"], meta.namespace, meta.name)
-            for namespace, name, uid in users.get(server_index_key(key), ()):
+            for namespace, name, uid in await self.server_users(runner.deps, key):
                 self.queue_service_account_check(memo, namespace, name, uid)
         if retry and outcome is not None and outcome.problem is not None and outcome.problem.retry:
             raise kopf.TemporaryError(outcome.problem.message, delay=self.config.retry_delay)
@@ -208,14 +206,12 @@ class Controller:
 
         self.background(memo).submit(uid, check)
 
-    async def finalize_server(
-        self, body: kopf.Body, memo: Any, users: kopf.Index[Any, Any]
-    ) -> None:
+    async def finalize_server(self, body: kopf.Body, memo: Any) -> None:
         """Held while ServiceAccounts use the server (they need it to delete their keys)."""
         deps = lifecycle.deps_of(memo)
         meta = body.metadata
         key = ServerKey(body["kind"], meta.namespace, meta.name)
-        using = sorted(f"{ns}/{name}" for ns, name, _ in users.get(server_index_key(key), ()))
+        using = sorted(f"{ns}/{name}" for ns, name, _ in await self.server_users(deps, key))
         if not using:
             if deps.servers is not None:
                 await deps.servers.drop(key)
@@ -235,15 +231,22 @@ class Controller:
                 )
         raise kopf.TemporaryError(message, delay=self.config.retry_delay)
 
-    @staticmethod
-    def server_user(
-        namespace: str, name: str, uid: str, spec: Mapping[str, Any]
-    ) -> dict[tuple[str, str | None, str], tuple[str, str, str]]:
-        """Which server a ServiceAccount uses, for the index a server's deletion and checks
-        read: (namespace, name, uid) of the ServiceAccount."""
-        ref = spec.get("serverRef")
-        key = key_of(ref if isinstance(ref, Mapping) else None, namespace)
-        return {server_index_key(key): (namespace, name, uid)} if key is not None else {}
+    async def server_users(self, deps: Deps, key: ServerKey) -> list[tuple[str, str, str]]:
+        """(namespace, name, uid) of the ServiceAccounts that name this server.
+
+        A scan of the ServiceAccounts (a page at a time), not a Kopf index: it is needed only
+        when a server changes or goes, and an index would make every operator start wait
+        until all ServiceAccounts are indexed before any handler runs."""
+        namespaces: list[str | None] = (
+            [key.namespace] if key.namespace else [*self.config.namespaces] or [None]
+        )
+        found = []
+        for namespace in namespaces:
+            async for obj in deps.kube.iter_objects(API_VERSION, sa.PLURAL, namespace):
+                if key_of_body(obj) == key:
+                    meta = obj["metadata"]
+                    found.append((meta["namespace"], meta["name"], meta["uid"]))
+        return found
 
     # --- ApiKeyRotation ------------------------------------------------------------------
 
@@ -358,7 +361,3 @@ class Controller:
         """Which key a rotation claims, for the index the duplicate check reads."""
         target = (namespace, spec.get("serviceAccountName"), spec.get("apiKeyName"))
         return {target: (str(meta.get("creationTimestamp") or ""), name)}
-
-
-def server_index_key(key: ServerKey) -> tuple[str, str | None, str]:
-    return (key.kind, key.namespace, key.name)

@@ -331,6 +331,27 @@ class KubeClient:
         except KubeNotFound:
             return None
 
+    async def iter_objects(
+        self, api_version: str, plural: str, namespace: str | None, *, page_size: int = 500
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The objects of a namespace (or all, None), a page at a time: a rare scan over
+        thousands of objects never holds them all at once."""
+        prefix = "/api" if "/" not in api_version else "/apis"
+        where = f"namespaces/{namespace}/" if namespace is not None else ""
+        token = ""
+        while True:
+            query = {"limit": str(page_size)}
+            if token:
+                query["continue"] = token
+            page = await self._request(
+                "GET", f"{prefix}/{api_version}/{where}{plural}?{urlencode(query)}"
+            )
+            for item in page.get("items") or []:
+                yield item
+            token = str((page.get("metadata") or {}).get("continue") or "")
+            if not token:
+                return
+
     async def list_objects(
         self, api_version: str, plural: str, namespace: str | None
     ) -> list[dict[str, Any]]:

@@ -82,20 +82,14 @@ def build_registry(
 
     # ZenMLServer / ClusterZenMLServer: checked on every change and by a timer (a credential
     # rotated in place, a server that came back); deletion held while ServiceAccounts use it.
-    async def check_server(
-        body: kopf.Body, memo: Any, server_users: kopf.Index[Any, Any], **_: Any
-    ) -> None:
-        await controller.check_server(body, memo, server_users, retry=True)
+    async def check_server(body: kopf.Body, memo: Any, **_: Any) -> None:
+        await controller.check_server(body, memo, retry=True)
 
-    async def recheck_server(
-        body: kopf.Body, memo: Any, server_users: kopf.Index[Any, Any], **_: Any
-    ) -> None:
-        await controller.check_server(body, memo, server_users, retry=False)
+    async def recheck_server(body: kopf.Body, memo: Any, **_: Any) -> None:
+        await controller.check_server(body, memo, retry=False)
 
-    async def finalize_server(
-        body: kopf.Body, memo: Any, server_users: kopf.Index[Any, Any], **_: Any
-    ) -> None:
-        await controller.finalize_server(body, memo, server_users)
+    async def finalize_server(body: kopf.Body, memo: Any, **_: Any) -> None:
+        await controller.finalize_server(body, memo)
 
     for plural in (ZENML_SERVERS, CLUSTER_ZENML_SERVERS):
         server_resource = (GROUP, VERSION, plural)
@@ -109,13 +103,6 @@ def build_registry(
             initial_delay=config.server_check_seconds,  # the resume handler checks at start
         )(recheck_server)
         kopf.on.delete(*server_resource, registry=registry, id="finalize")(finalize_server)
-
-    # Which servers ServiceAccounts use, kept by Kopf from the watch stream.
-    @kopf.index(*sa_resource, registry=registry, id="server_users")
-    def server_users(
-        namespace: str, name: str, uid: str, spec: kopf.Spec, **_: Any
-    ) -> dict[tuple[str, str | None, str], tuple[str, str, str]]:
-        return controller.server_user(namespace, name, uid, spec)
 
     # Which rotations claim which key, kept by Kopf from the watch stream (no LIST per look).
     @kopf.index(*rotation_resource, registry=registry, id="rotation_claims")

@@ -542,7 +542,9 @@ async def test_a_hung_server_only_affects_its_own_service_accounts(
     """Server B stops answering (SIGSTOP: connections are accepted, never answered, the
     worst kind of outage for a client). Only B's ServiceAccounts notice; the default server's
     keep converging meanwhile. When B answers again, its ServiceAccounts converge."""
-    await start_zenml_operator(zenml_timeout=2.0, server_check_seconds=1.0)
+    # A short timeout makes a hung server fail fast; not so short that a login on a busy
+    # machine (one bcrypt) times out.
+    await start_zenml_operator(zenml_timeout=4.0, server_check_seconds=1.0)
     await create_credentials(cluster, "default", "creds", api_key=operator_api_key_b)
     b_path = await create_server(
         cluster,
