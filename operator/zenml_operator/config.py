@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from zenml_operator.zenml_api import API_KEY_PREFIX
+from zenml_operator.zenml_api.connection import ConnectionOptions
 
 API_KEY_ENV = "ZENML_STORE_API_KEY"
 API_KEY_FILE_ENV = "ZENML_STORE_API_KEY_FILE"
@@ -47,6 +48,16 @@ class OperatorConfig:
     credential_namespaces: tuple[str, ...] = ()
     # How often each ZenMLServer/ClusterZenMLServer is checked (login, version, credential).
     server_check_seconds: float = 60.0
+
+    def connection_options(self) -> ConnectionOptions:
+        """The ZenML connection settings every client of this operator shares."""
+        return ConnectionOptions(
+            timeout=self.zenml_timeout,
+            max_retries=self.zenml_retries,
+            max_connections=self.zenml_max_connections,
+            heavy_concurrency=self.zenml_heavy_concurrency,
+            background_rate=self.background_rate,
+        )
 
     @property
     def url_for_secrets(self) -> str:

@@ -56,13 +56,9 @@ async def start(
     memo.zenml = zenml = zc.ZenMLClient(
         config.zenml_url,
         config.zenml_api_key,
-        timeout=config.zenml_timeout,
-        max_retries=config.zenml_retries,
         username=config.zenml_username,
-        max_connections=config.zenml_max_connections,
-        heavy_concurrency=config.zenml_heavy_concurrency,
         observer=metrics.observe_zenml_request,
-        background_rate=config.background_rate,
+        **config.connection_options(),
     )
 
     async def check_login() -> str:

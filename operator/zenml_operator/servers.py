@@ -302,17 +302,12 @@ class ServerDirectory:
         async def refresh() -> bool:
             return await self._refresh(server, spec)
 
-        config = self.config
         server.client = zc.ZenMLClient(
             spec.url,
             server.current_secret,
             username=credential.username,
-            timeout=config.zenml_timeout,
-            max_retries=config.zenml_retries,
-            max_connections=config.zenml_max_connections,
-            heavy_concurrency=config.zenml_heavy_concurrency,
             observer=self.observer,
-            background_rate=config.background_rate,
+            **self.config.connection_options(),
             verify=verify,
             refresh_secret=refresh,
             credential_source=f"the credentials in {self._secret_where(key, spec)}",
