@@ -128,6 +128,26 @@ def server_ready(obj: dict[str, Any] | None) -> dict[str, Any] | None:
     return None
 
 
+async def server_b_logged_in(
+    cluster,
+    server_b: Any,
+    api_key: str,
+    *,
+    kind: str = "ZenMLServer",
+    ns: str = "default",
+    secret: str = "creds",
+    **options: Any,
+) -> tuple[str, dict[str, Any]]:
+    """Server B's credentials Secret in `ns`, a server resource `b` on it (trusting B's CA),
+    waited for until LoggedIn: its path and the object."""
+    await create_credentials(cluster, ns, secret, api_key=api_key)
+    where = {"secret_ns": ns} if kind == "ClusterZenMLServer" else {"ns": ns}
+    path = await create_server(
+        cluster, kind, "b", server_b.url, secret, **where, ca=server_b.ca_pem, **options
+    )
+    return path, await wait_server(cluster, path, reason="LoggedIn")
+
+
 async def wait_server(
     cluster, path: str, *, status: str = "True", reason: str | None = None, timeout: float = 30
 ) -> dict[str, Any]:
@@ -222,18 +242,9 @@ async def test_accounts_on_two_servers_each_key_logs_in_only_to_its_own(
     zenml_client_b,
 ) -> None:
     await start_zenml_operator()
-    await create_credentials(cluster, "default", "zenml-b-creds", api_key=operator_api_key_b)
-    b_path = await create_server(
-        cluster,
-        "ZenMLServer",
-        "b",
-        zenml_server_b.url,
-        "zenml-b-creds",
-        ns="default",
-        ca=zenml_server_b.ca_pem,
-        proApiUrl=PRO_API_URL,
+    _, server = await server_b_logged_in(
+        cluster, zenml_server_b, operator_api_key_b, secret="zenml-b-creds", proApiUrl=PRO_API_URL
     )
-    server = await wait_server(cluster, b_path, reason="LoggedIn")
     status = server["status"]
     assert status["identity"] == "zenml-operator"
     assert status["serverVersion"].startswith("0.98"), status
@@ -318,19 +329,13 @@ async def test_secrets_follow_a_change_of_their_server(
     """The server's secretUrl changes and it stops setting proApiUrl: its Secrets follow
     soon (long before a resync), with the same key."""
     await start_zenml_operator()
-    await create_credentials(cluster, "default", "creds", api_key=operator_api_key_b)
-    path = await create_server(
+    path, _ = await server_b_logged_in(
         cluster,
-        "ZenMLServer",
-        "b",
-        zenml_server_b.url,
-        "creds",
-        ns="default",
-        ca=zenml_server_b.ca_pem,
+        zenml_server_b,
+        operator_api_key_b,
         proApiUrl=PRO_API_URL,
         secretUrl="https://zenml-b.example.com",
     )
-    await wait_server(cluster, path, reason="LoggedIn")
     await cluster.create(
         SA_PATH.format(ns="default"),
         sa_body("app", "default", server=("ZenMLServer", "b"), name=unique("follow")),
@@ -424,17 +429,7 @@ async def test_reference_to_another_namespaces_server_waits_until_its_own_exists
     in `default`) is ServerNotReady, nothing is created; once team-a has its own `b`, the
     same ServiceAccount becomes Ready with no change to it."""
     await start_zenml_operator()
-    await create_credentials(cluster, "default", "creds", api_key=operator_api_key_b)
-    default_b = await create_server(
-        cluster,
-        "ZenMLServer",
-        "b",
-        zenml_server_b.url,
-        "creds",
-        ns="default",
-        ca=zenml_server_b.ca_pem,
-    )
-    await wait_server(cluster, default_b, reason="LoggedIn")
+    await server_b_logged_in(cluster, zenml_server_b, operator_api_key_b)
 
     account = unique("xns")
     await cluster.create(
@@ -447,17 +442,7 @@ async def test_reference_to_another_namespaces_server_waits_until_its_own_exists
     assert await sa_secret(cluster, "team-a", "app") is None
 
     # team-a's own server `b` (its own Secret: it cannot use default's).
-    await create_credentials(cluster, "team-a", "creds", api_key=operator_api_key_b)
-    team_b = await create_server(
-        cluster,
-        "ZenMLServer",
-        "b",
-        zenml_server_b.url,
-        "creds",
-        ns="team-a",
-        ca=zenml_server_b.ca_pem,
-    )
-    await wait_server(cluster, team_b, reason="LoggedIn")
+    await server_b_logged_in(cluster, zenml_server_b, operator_api_key_b, ns="team-a")
     await wait_ready(cluster, "team-a", "app", timeout=30)
     data = decoded(await sa_secret(cluster, "team-a", "app"))
     who = await login_name(zenml_server_b, data["ZENML_STORE_API_KEY"])
@@ -545,17 +530,7 @@ async def test_a_hung_server_only_affects_its_own_service_accounts(
     # A short timeout makes a hung server fail fast; not so short that a login on a busy
     # machine (one bcrypt) times out.
     await start_zenml_operator(zenml_timeout=4.0, server_check_seconds=1.0)
-    await create_credentials(cluster, "default", "creds", api_key=operator_api_key_b)
-    b_path = await create_server(
-        cluster,
-        "ZenMLServer",
-        "b",
-        zenml_server_b.url,
-        "creds",
-        ns="default",
-        ca=zenml_server_b.ca_pem,
-    )
-    await wait_server(cluster, b_path, reason="LoggedIn")
+    b_path, _ = await server_b_logged_in(cluster, zenml_server_b, operator_api_key_b)
     on_a = unique("steady-a")
     await cluster.create(SA_PATH.format(ns="default"), sa_body("steady-a", "default", name=on_a))
     await wait_ready(cluster, "default", "steady-a")
@@ -604,17 +579,9 @@ async def test_deleting_a_server_in_use_waits_for_its_service_accounts(
     cluster, start_zenml_operator, zenml_server_b, operator_api_key_b, zenml_client_b
 ) -> None:
     await start_zenml_operator()
-    await create_credentials(cluster, "default", "creds", api_key=operator_api_key_b)
-    path = await create_server(
-        cluster,
-        "ClusterZenMLServer",
-        "b",
-        zenml_server_b.url,
-        "creds",
-        secret_ns="default",
-        ca=zenml_server_b.ca_pem,
+    path, _ = await server_b_logged_in(
+        cluster, zenml_server_b, operator_api_key_b, kind="ClusterZenMLServer"
     )
-    await wait_server(cluster, path, reason="LoggedIn")
     account = unique("user")
     sa_path = f"{SA_PATH.format(ns='team-a')}/user"
     await cluster.create(
