@@ -400,6 +400,20 @@ class RotationReconciler:
                 f"API key {key.name!r} has no key in ZenML yet.",
                 retry=True,
             )
+        # A Secret put back from a copy older than this rotation's last write (a backup,
+        # a stale GitOps copy) records an older key than the one this status names: that
+        # key is not a crash leftover. Its ServiceAccount re-issues it into the Secret (its
+        # Secret watch saw the change), with the record rebuilt from this status; until
+        # then nothing here acts on the stale record (it would rotate or retire again).
+        ours = self.status.get("currentKeyId")
+        if ours and any(m.id == ours for m in kf.newer_than(members, current, key.name)):
+            raise ReconcileProblem(
+                "SecretNotReady",
+                f"Secret {secret['metadata']['name']!r} records an older key of"
+                f" {key.name!r} than this rotation's current one (put back from an older"
+                " copy?); waiting for its ServiceAccount to write the current key again.",
+                retry=True,
+            )
         # Leftovers: keys no Secret references (crash after create), expired previous.
         plan = kf.retire(members, current, retention, now)
         await retire_keys(
