@@ -48,6 +48,16 @@ class OperatorConfig:
     credential_namespaces: tuple[str, ...] = ()
     # How often each ZenMLServer/ClusterZenMLServer is checked (login, version, credential).
     server_check_seconds: float = 60.0
+    # Kopf's connections to the API server for requests (its patches, Events), besides one
+    # per watch stream. Kopf's own session has no bound: see `kopf_connections`.
+    kube_connections: int = 32
+
+    def kopf_connections(self) -> int:
+        """The bound of Kopf's connection pool: `kube_connections` plus every watch stream
+        (each holds a connection while it runs): per watched namespace ServiceAccounts,
+        ApiKeyRotations, ZenMLServers and the peering object; once ClusterZenMLServers,
+        cluster peering and namespaces."""
+        return self.kube_connections + 4 * max(1, len(self.namespaces)) + 3
 
     def connection_options(self) -> ConnectionOptions:
         """The ZenML connection settings every client of this operator shares."""
@@ -150,4 +160,5 @@ def config_from_env(namespaces: tuple[str, ...] = ()) -> OperatorConfig:
             if n.strip()
         ),
         server_check_seconds=_env_float("ZENML_OPERATOR_SERVER_CHECK_SECONDS", 60.0),
+        kube_connections=int(_env_float("ZENML_OPERATOR_KUBE_CONNECTIONS", 32)),
     )

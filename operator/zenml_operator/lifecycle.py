@@ -96,7 +96,7 @@ def login(
         return None
     if getattr(memo, "kube", None) is None:
         memo.kube = KubeClient(info)
-        # Kopf runs this handler in a thread: wake the Secret watch's start-up (repairs.py),
+        # This runs in a thread (main.login): wake the Secret watch's start-up (repairs.py),
         # which waits on the event loop for the client.
         waiter = getattr(memo, "kube_waiter", None)
         if waiter is not None:

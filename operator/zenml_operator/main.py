@@ -8,6 +8,7 @@ exposed as `memo.metrics` from start-up. The work is in `controller.py` and `lif
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 from typing import Any
@@ -19,6 +20,7 @@ from zenml_operator.config import OperatorConfig
 from zenml_operator.controller import Controller
 from zenml_operator.handlers import rotation as rot
 from zenml_operator.handlers import service_account as sa
+from zenml_operator.kube import kopf_session
 from zenml_operator.metrics import Metrics
 from zenml_operator.models import CLUSTER_ZENML_SERVERS, GROUP, VERSION, ZENML_SERVERS
 from zenml_operator.policies import Trigger
@@ -44,9 +46,12 @@ def build_registry(
         await lifecycle.start(memo, config, metrics, logger)
         repairs.start(memo, config, metrics, settings)  # the watch of the operator's Secrets
 
+    # Kopf's session gets a bounded connection pool (see kube.kopf_session). The login
+    # itself may run a kubeconfig exec plugin: off the event loop.
     @kopf.on.login(registry=registry)
-    def login(memo: Any, **kwargs: Any) -> kopf.ConnectionInfo | None:
-        return lifecycle.login(memo, config, **kwargs)
+    async def login(memo: Any, **kwargs: Any) -> kopf.AiohttpSession | None:
+        info = await asyncio.to_thread(lifecycle.login, memo, config, **kwargs)
+        return None if info is None else kopf_session(info, limit=config.kopf_connections())
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(memo: Any, **_: Any) -> None:
