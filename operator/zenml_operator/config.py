@@ -56,7 +56,11 @@ class OperatorConfig:
         """The bound of Kopf's connection pool: `kube_connections` plus every watch stream
         (each holds a connection while it runs): per watched namespace ServiceAccounts,
         ApiKeyRotations, ZenMLServers and the peering object; once ClusterZenMLServers,
-        cluster peering and namespaces."""
+        cluster peering and namespaces. 0 (no bound, as Kopf's own) when a namespace is a
+        pattern: how many streams it opens is not known here, and a stream must never wait
+        for a connection."""
+        if any(c in ns for ns in self.namespaces for c in "*?[!"):
+            return 0
         return self.kube_connections + 4 * max(1, len(self.namespaces)) + 3
 
     def connection_options(self) -> ConnectionOptions:
