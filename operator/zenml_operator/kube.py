@@ -17,7 +17,7 @@ import json
 import logging
 import ssl
 import tempfile
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 from urllib.parse import urlencode
 
@@ -100,6 +100,9 @@ def kube_login(*, logger: logging.Logger, settings: kopf.OperatorSettings, **kwa
     return kopf.login_via_client(settings=settings, logger=logger, **kwargs)
 
 
+OWN_VERSIONS_KEPT = 4  # resourceVersions of the operator's own writes kept per Secret
+
+
 def kopf_session(info: kopf.ConnectionInfo, *, limit: int) -> kopf.AiohttpSession:
     """Kopf's API session, as Kopf makes it but with a bounded pool. Kopf's own has none
     (aiohttp `limit=0`): a burst of objects handled at once (a bulk apply, the finalizers
@@ -147,9 +150,13 @@ class KubeClient:
         self.writes = 0  # Kubernetes writes sent, for the benchmarks' idle-cost figure
         # What the operator's own Secret writes left behind, so that the Secret watch can
         # tell its own changes from anyone else's: (namespace, name) -> the resourceVersion
-        # of the last create/patch answer, and -> the uid of the last delete.
-        self._own_versions: dict[tuple[str, str], str] = {}
+        # of the last few create/patch answers, and -> the uid of the last delete. A watch
+        # event can arrive before the answer of the write that caused it: writes in flight
+        # are counted, and `secret_writes_settled` waits for them before the comparison.
+        self._own_versions: dict[tuple[str, str], tuple[str, ...]] = {}
         self._own_deletes: dict[tuple[str, str], str] = {}
+        self._writing: dict[tuple[str, str], int] = {}
+        self._write_done = asyncio.Event()
 
     def update_credentials(self, info: kopf.ConnectionInfo) -> None:
         """Kopf re-runs the login handler when tokens expire; follow it."""
@@ -165,7 +172,38 @@ class KubeClient:
     def _wrote(self, namespace: str, written: Mapping[str, Any]) -> None:
         meta = written.get("metadata") or {}
         if meta.get("name") and meta.get("resourceVersion"):
-            self._own_versions[namespace, meta["name"]] = str(meta["resourceVersion"])
+            key = (namespace, meta["name"])
+            # A few: two writes in a row (a value, then its metadata) echo twice.
+            recent = (*self._own_versions.get(key, ())[-(OWN_VERSIONS_KEPT - 1) :],)
+            self._own_versions[key] = (*recent, str(meta["resourceVersion"]))
+
+    @contextlib.asynccontextmanager
+    async def _writing_secret(self, namespace: str, name: str) -> AsyncIterator[None]:
+        key = (namespace, name)
+        self._writing[key] = self._writing.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            if self._writing[key] > 1:
+                self._writing[key] -= 1
+            else:
+                del self._writing[key]
+            done, self._write_done = self._write_done, asyncio.Event()
+            done.set()
+
+    async def secret_writes_settled(
+        self, namespace: str, names: Iterable[str], *, timeout: float
+    ) -> None:
+        """Wait (at most `timeout` seconds) until no write of these Secrets is in flight, so
+        that the echo of one is known by its resourceVersion."""
+        keys = [(namespace, name) for name in names]
+        deadline = asyncio.get_running_loop().time() + timeout
+        while any(key in self._writing for key in keys):
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._write_done.wait(), remaining)
 
     def is_own_change(
         self, event_type: str, namespace: str, name: str, *, version: str, uid: str
@@ -175,7 +213,7 @@ class KubeClient:
         key = (namespace, name)
         if event_type == "DELETED":
             return bool(uid) and self._own_deletes.get(key) == uid
-        return bool(version) and self._own_versions.get(key) == version
+        return bool(version) and version in self._own_versions.get(key, ())
 
     def forget_secret(self, namespace: str, name: str) -> None:
         """Drop the bookkeeping of a Secret that is gone."""
@@ -216,18 +254,20 @@ class KubeClient:
             return None
 
     async def create_secret(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        created = await self._request("POST", self._secrets(namespace), json=body)
-        self._wrote(namespace, created)
+        async with self._writing_secret(namespace, str(body["metadata"]["name"])):
+            created = await self._request("POST", self._secrets(namespace), json=body)
+            self._wrote(namespace, created)
         return created
 
     async def patch_secret(
         self, namespace: str, name: str, patch: Mapping[str, Any]
     ) -> dict[str, Any]:
         """Merge-patch; include metadata.resourceVersion in `patch` for a 409 on races."""
-        patched = await self._request(
-            "PATCH", f"{self._secrets(namespace)}/{name}", json=patch, content_type=MERGE_PATCH
-        )
-        self._wrote(namespace, patched)
+        async with self._writing_secret(namespace, name):
+            patched = await self._request(
+                "PATCH", f"{self._secrets(namespace)}/{name}", json=patch, content_type=MERGE_PATCH
+            )
+            self._wrote(namespace, patched)
         return patched
 
     async def delete_secret(self, namespace: str, name: str, *, uid: str | None = None) -> bool:

@@ -47,6 +47,7 @@ from zenml_operator.secret_watch import SecretChange, SecretWatch
 from zenml_operator.timestamps import parse_time, utcnow
 
 PEERING_API = "kopf.dev/v1"
+WRITE_SETTLE_TIMEOUT = 15.0  # seconds: at most one Kubernetes request timeout
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +124,11 @@ class SecretRepairs:
             while owner in self._pending:
                 await asyncio.sleep(self.settle)  # let a burst of changes settle into one run
                 changes = self._pending.pop(owner, [])
+                # An echo can come before the answer of the write that caused it (a busy
+                # loop): wait for that answer, or the echo looks like someone else's change.
+                await self.deps.kube.secret_writes_settled(
+                    owner[0], {c.name for c in changes}, timeout=WRITE_SETTLE_TIMEOUT
+                )
                 external = [c for c in changes if not self._own(c)]
                 if not external:
                     continue  # only echoes of the operator's own writes

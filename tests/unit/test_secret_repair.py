@@ -304,3 +304,51 @@ def test_the_rotation_record_rebuilt_from_a_rotation_status() -> None:
     assert (got.rotation_count, got.answered_request) == (3, "go")
     assert got.retention.key_id == "k2" and got.retention.valid_until == T1
     assert record_from_rotation_status({}) == {}  # never rotated: nothing to carry over
+
+
+async def test_an_echo_that_comes_before_its_writes_answer_is_still_the_operators(
+    cluster: Cluster,
+) -> None:
+    """On a busy loop the watch can deliver the change before the write's answer is read:
+    `secret_writes_settled` waits for that answer, and the echo is then known as own."""
+    kube = KubeClient(kopf.ConnectionInfo(server=cluster.url))
+    seen: list[SecretChange] = []
+    watch = SecretWatch(kube, ["team-a"], seen.append)
+    answer_held = asyncio.Event()
+    release = asyncio.Event()
+    request = kube._request
+
+    async def slow_answer(method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        answer = await request(method, path, **kwargs)
+        if method == "PATCH":
+            answer_held.set()
+            await release.wait()
+        return answer
+
+    kube._request = slow_answer  # type: ignore[method-assign]
+    watch.start()
+    try:
+        await asyncio.wait_for(watch.listed.wait(), timeout=5)
+        await kube.create_secret("team-a", _managed("slow"))
+        patch = {"metadata": {"annotations": {"note": "x"}}}
+        writing = asyncio.create_task(kube.patch_secret("team-a", "slow", patch))
+        await asyncio.wait_for(answer_held.wait(), timeout=5)
+        await cluster.wait_for(lambda: len(seen) >= 2, message="the patch's echo")
+        echo = seen[1]
+        assert not kube.is_own_change(  # the answer is not read yet
+            echo.type, echo.namespace, echo.name, version=echo.version, uid=echo.uid
+        )
+        settled = asyncio.create_task(kube.secret_writes_settled("team-a", ["slow"], timeout=10))
+        await asyncio.sleep(0)
+        assert not settled.done()
+        release.set()
+        await asyncio.wait_for(settled, timeout=5)
+        await writing
+        assert kube.is_own_change(
+            echo.type, echo.namespace, echo.name, version=echo.version, uid=echo.uid
+        )
+        # Nothing in flight: no wait at all.
+        await asyncio.wait_for(kube.secret_writes_settled("team-a", ["slow"], timeout=10), 0.1)
+    finally:
+        await watch.stop()
+        await kube.aclose()
