@@ -53,6 +53,17 @@ async def wait_logs_in(cluster, zenml_server, path: str, name: str, **expect: An
     )
 
 
+async def rotated_once(cluster, name: str, path: str) -> tuple[dict, dict]:
+    """An ApiKeyRotation of key `main` (retention 5 min) asked to rotate once, done:
+    (its status, the Secret after the rotation)."""
+    await cluster.create(ROT_PATH, rotation_body(name, name, period="1h", retainPeriodMinutes=5))
+    await cluster.patch(
+        f"{ROT_PATH}/{name}", {"metadata": {"annotations": {"zenml.io/rotate": "1"}}}
+    )
+    status = await wait_count(cluster, name, 1, timeout=REPAIRED)
+    return status, await cluster.get(path)
+
+
 async def events_of(cluster, reason: str) -> list[dict[str, Any]]:
     return [e for e in (await cluster.get(EVENTS))["items"] if e.get("reason") == reason]
 
@@ -274,12 +285,7 @@ async def test_stale_value_after_a_rotation_is_reissued_for_the_rotations_key(
     Secret gets a new value of the rotation's key; the previous key keeps its retention."""
     name, path, _ = await ready_account(cluster, start_zenml_operator)
     before = await cluster.get(path)
-    await cluster.create(ROT_PATH, rotation_body(name, name, period="1h", retainPeriodMinutes=5))
-    await cluster.patch(
-        f"{ROT_PATH}/{name}", {"metadata": {"annotations": {"zenml.io/rotate": "1"}}}
-    )
-    status = await wait_count(cluster, name, 1, timeout=REPAIRED)
-    rotated = await cluster.get(path)
+    status, rotated = await rotated_once(cluster, name, path)
     assert rotated["metadata"]["annotations"][ANN_KEY_ID] == status["currentKeyId"]
 
     await cluster.patch(path, {"data": {KEY: before["data"][KEY]}})
@@ -303,12 +309,7 @@ async def test_a_whole_secret_restored_from_before_a_rotation_keeps_the_rotation
     key keeps the retention the rotation gave it."""
     name, path, memo = await ready_account(cluster, start_zenml_operator)
     backup = await cluster.get(path)
-    await cluster.create(ROT_PATH, rotation_body(name, name, period="1h", retainPeriodMinutes=5))
-    await cluster.patch(
-        f"{ROT_PATH}/{name}", {"metadata": {"annotations": {"zenml.io/rotate": "1"}}}
-    )
-    status = await wait_count(cluster, name, 1, timeout=REPAIRED)
-    rotated = await cluster.get(path)
+    status, rotated = await rotated_once(cluster, name, path)
     looks = rotation_looks(memo)
 
     restored = {**backup, "metadata": {**backup["metadata"]}}
@@ -344,12 +345,7 @@ async def test_a_rotation_look_before_the_repair_leaves_a_restored_secrets_key_a
     rotating again, and the repair then writes the rotation's key back."""
     name, path, memo = await ready_account(cluster, start_zenml_operator)
     backup = await cluster.get(path)
-    await cluster.create(ROT_PATH, rotation_body(name, name, period="1h", retainPeriodMinutes=5))
-    await cluster.patch(
-        f"{ROT_PATH}/{name}", {"metadata": {"annotations": {"zenml.io/rotate": "1"}}}
-    )
-    status = await wait_count(cluster, name, 1, timeout=REPAIRED)
-    rotated = await cluster.get(path)
+    status, rotated = await rotated_once(cluster, name, path)
     restored = {**backup, "metadata": {**backup["metadata"]}}
     restored["metadata"]["resourceVersion"] = rotated["metadata"]["resourceVersion"]
     await cluster.replace(path, restored)
@@ -379,11 +375,7 @@ async def test_a_secret_deleted_after_a_rotation_keeps_the_rotation_record(
     on-demand request does not rotate again."""
     name, path, memo = await ready_account(cluster, start_zenml_operator)
     before = await cluster.get(path)
-    await cluster.create(ROT_PATH, rotation_body(name, name, period="1h", retainPeriodMinutes=5))
-    await cluster.patch(
-        f"{ROT_PATH}/{name}", {"metadata": {"annotations": {"zenml.io/rotate": "1"}}}
-    )
-    status = await wait_count(cluster, name, 1, timeout=REPAIRED)
+    status, _ = await rotated_once(cluster, name, path)
     looks = rotation_looks(memo)
 
     await cluster.delete(path)
