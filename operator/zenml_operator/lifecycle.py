@@ -27,6 +27,9 @@ def post_event(body: Any, *, type: str, reason: str, message: str) -> None:
     kopf.event(body, type=type, reason=reason, message=message)
 
 
+LIST_PAGE_SIZE = 500  # objects per page of Kopf's listings
+
+
 def configure(settings: kopf.OperatorSettings) -> None:
     # Kopf's own bookkeeping goes to annotations: status fields outside our schema would be
     # pruned by the API server.
@@ -43,6 +46,9 @@ def configure(settings: kopf.OperatorSettings) -> None:
     # Kopf's default 60 s polling period.
     settings.background.instant_exit_timeout = 0.5
     settings.background.cancellation_polling = 1.0
+    # Kopf lists each kind in one answer by default: all N bodies as bytes, as text and
+    # parsed at once at every start. Pages of 500 keep one page of raw text at a time.
+    settings.watching.chunk_size = LIST_PAGE_SIZE
     settings.watching.server_timeout = 600
     settings.watching.client_timeout = 660
 
