@@ -64,6 +64,19 @@ async def rotated_once(cluster, name: str, path: str) -> tuple[dict, dict]:
     return status, await cluster.get(path)
 
 
+async def wait_rotations_key(
+    cluster, zenml_server, path: str, name: str, status: dict, *old: dict
+) -> dict:
+    """Wait for a value none of the `old` Secrets held that logs in, and check that the
+    Secret records the rotation's current key (its status)."""
+    values = {secret["data"][KEY] for secret in old}
+    secret = await wait_logs_in(
+        cluster, zenml_server, path, name, fresh=lambda s: s["data"][KEY] not in values
+    )
+    assert secret["metadata"]["annotations"][ANN_KEY_ID] == status["currentKeyId"]
+    return secret
+
+
 async def events_of(cluster, reason: str) -> list[dict[str, Any]]:
     return [e for e in (await cluster.get(EVENTS))["items"] if e.get("reason") == reason]
 
@@ -289,14 +302,7 @@ async def test_stale_value_after_a_rotation_is_reissued_for_the_rotations_key(
     assert rotated["metadata"]["annotations"][ANN_KEY_ID] == status["currentKeyId"]
 
     await cluster.patch(path, {"data": {KEY: before["data"][KEY]}})
-    secret = await wait_logs_in(
-        cluster,
-        zenml_server,
-        path,
-        name,
-        fresh=lambda s: s["data"][KEY] not in (before["data"][KEY], rotated["data"][KEY]),
-    )
-    assert secret["metadata"]["annotations"][ANN_KEY_ID] == status["currentKeyId"]
+    await wait_rotations_key(cluster, zenml_server, path, name, status, before, rotated)
     assert await logs_in_as(zenml_server.url, secret_value(before)) == name  # still retained
 
 
@@ -315,14 +321,7 @@ async def test_a_whole_secret_restored_from_before_a_rotation_keeps_the_rotation
     restored = {**backup, "metadata": {**backup["metadata"]}}
     restored["metadata"]["resourceVersion"] = rotated["metadata"]["resourceVersion"]
     await cluster.replace(path, restored)
-    secret = await wait_logs_in(
-        cluster,
-        zenml_server,
-        path,
-        name,
-        fresh=lambda s: s["data"][KEY] not in (backup["data"][KEY], rotated["data"][KEY]),
-    )
-    assert secret["metadata"]["annotations"][ANN_KEY_ID] == status["currentKeyId"]
+    secret = await wait_rotations_key(cluster, zenml_server, path, name, status, backup, rotated)
     account = await zenml_client.get_service_account(name)
     keys = {k.id for k in await zenml_client.list_api_keys(account.id)}
     assert {status["currentKeyId"], status["previousKeyId"]} <= keys
@@ -355,14 +354,7 @@ async def test_a_rotation_look_before_the_repair_leaves_a_restored_secrets_key_a
     account = await zenml_client.get_service_account(name)
     assert status["currentKeyId"] in {k.id for k in await zenml_client.list_api_keys(account.id)}
 
-    secret = await wait_logs_in(
-        cluster,
-        zenml_server,
-        path,
-        name,
-        fresh=lambda s: s["data"][KEY] not in (backup["data"][KEY], rotated["data"][KEY]),
-    )
-    assert secret["metadata"]["annotations"][ANN_KEY_ID] == status["currentKeyId"]
+    await wait_rotations_key(cluster, zenml_server, path, name, status, backup, rotated)
     after = (await cluster.get(f"{ROT_PATH}/{name}"))["status"]
     assert (after["rotationCount"], after["currentKeyId"]) == (1, status["currentKeyId"])
 
