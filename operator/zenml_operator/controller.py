@@ -1,8 +1,9 @@
 """What each Kopf handler does, as plain methods (main.py only wires them to Kopf).
 
 One `Controller` per operator: it owns the reconcile slots and builds the runner from the
-clients start-up opened. ServiceAccounts are reconciled on create/update/resume and by a
-resync timer; ApiKeyRotations by one sleeping daemon each, woken by raw watch events.
+clients start-up opened. ServiceAccounts are reconciled on create/update/resume and by the
+resync schedule (one task for all of them, see due.py); ApiKeyRotations by one sleeping
+daemon each, woken by raw watch events.
 
 Two lanes (policies.plan_reconcile, policies.rotation_look_in_background): checks of known
 state (a resync, the resume of a converged object, an idle rotation look) are background
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,6 +27,7 @@ from zenml_operator import lifecycle
 from zenml_operator import policies as pol
 from zenml_operator.background import BackgroundChecks
 from zenml_operator.config import OperatorConfig
+from zenml_operator.due import DueSchedule
 from zenml_operator.handlers import deletion
 from zenml_operator.handlers import rotation as rot
 from zenml_operator.handlers import server_resource as zs
@@ -33,6 +36,7 @@ from zenml_operator.handlers.common import Deps, Outcome, classify
 from zenml_operator.kube import KubeError
 from zenml_operator.metrics import Metrics
 from zenml_operator.models import API_VERSION, ROTATE_ANNOTATION
+from zenml_operator.peering import PeeringGate
 from zenml_operator.runner import Kind, Runner, ready_of, reason_of
 from zenml_operator.scheduling import next_look_in, sleep_until
 from zenml_operator.servers import PLURALS, ServerKey, key_of_body
@@ -48,6 +52,16 @@ SERVERS = {kind: Kind(plural=plural, metric_name=kind.lower()) for kind, plural 
 # (slots), each. Their ZenML requests share one rate, so at the default 20/s a check waits
 # at most ~0.4 s for its token, which also bounds how long it holds its object's lock.
 BACKGROUND_CONCURRENCY = 8
+
+
+def first_resync_in(resync_seconds: float) -> float:
+    """Seconds from first sight to an object's first resync: spread over the second half of
+    the interval, so that objects seen together (an operator start, a bulk apply) do not
+    resync together, every interval, in one burst at ZenML."""
+    return random.uniform(0.5, 1.0) * resync_seconds
+
+
+ObjectRef = tuple[str, str, str]  # (namespace, name, uid)
 
 
 class Controller:
@@ -78,10 +92,26 @@ class Controller:
         checks: BackgroundChecks = memo.background
         return checks
 
+    def resyncs(self, memo: Any) -> DueSchedule[ObjectRef]:
+        """When each known ServiceAccount is checked next (started lazily)."""
+        if getattr(memo, "resyncs", None) is None:
+
+            async def resync(ref: ObjectRef) -> None:
+                schedule.set(ref, self.config.resync_seconds)  # the next round, in any case
+                # Kopf pauses its own handlers for a peer of higher priority; not this task.
+                gate: PeeringGate | None = getattr(memo, "peering", None)
+                if gate is None or await gate.allows(lifecycle.deps_of(memo).kube, ref[0]):
+                    self.queue_service_account_check(memo, *ref)
+
+            memo.resyncs = schedule = DueSchedule(resync, name="zenml-operator resyncs")
+        resyncs: DueSchedule[ObjectRef] = memo.resyncs
+        return resyncs
+
     async def aclose(self, memo: Any) -> None:
-        checks = getattr(memo, "background", None)
-        if checks is not None:
-            await checks.aclose()
+        for name in ("resyncs", "background"):
+            part = getattr(memo, name, None)
+            if part is not None:
+                await part.aclose()
 
     # --- ServiceAccount ------------------------------------------------------------------
 
@@ -96,6 +126,9 @@ class Controller:
             ready=ready_of(status)[0],
         )
         namespace, name, uid = meta.namespace, meta.name, meta.uid
+        self.resyncs(memo).setdefault(
+            (namespace, name, uid), first_resync_in(self.config.resync_seconds)
+        )
         server = key_of_body(body)
         if path.background:
             # Queued, not awaited: Kopf would hold this object's next change behind it.
@@ -134,8 +167,9 @@ class Controller:
             observe=self._observe_service_account,
             slots=slots,
         )
-        if outcome is None:
+        if outcome is None:  # gone, or being deleted: its finalizer is on its way
             self.metrics.forget_service_account(namespace, name)
+            self.resyncs(memo).discard((namespace, name, uid))
         return outcome
 
     def _observe_service_account(
@@ -164,6 +198,7 @@ class Controller:
                     ) from None
             tracked.ok("Finalized")
         self.metrics.forget_service_account(meta.namespace, meta.name)
+        self.resyncs(memo).discard((meta.namespace, meta.name, meta.uid))
         deps.forget(meta.uid, secrets=[(meta.namespace, name) for name in released])
 
     # --- ZenMLServer / ClusterZenMLServer --------------------------------------------------

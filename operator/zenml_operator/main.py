@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from typing import Any
 
 import kopf
@@ -23,6 +22,7 @@ from zenml_operator.handlers import service_account as sa
 from zenml_operator.kube import kopf_session
 from zenml_operator.metrics import Metrics
 from zenml_operator.models import CLUSTER_ZENML_SERVERS, GROUP, VERSION, ZENML_SERVERS
+from zenml_operator.peering import PeeringGate
 from zenml_operator.policies import Trigger
 
 FINALIZER = lifecycle.FINALIZER
@@ -43,6 +43,7 @@ def build_registry(
         settings: kopf.OperatorSettings, memo: Any, logger: logging.Logger, **_: Any
     ) -> None:
         lifecycle.configure(settings)
+        memo.peering = PeeringGate.of(settings.peering)
         await lifecycle.start(memo, config, metrics, logger)
         repairs.start(memo, config, metrics, settings)  # the watch of the operator's Secrets
 
@@ -68,18 +69,8 @@ def build_registry(
     for decorator in (kopf.on.create, kopf.on.update, kopf.on.resume):
         decorator(*sa_resource, registry=registry, id="reconcile")(reconcile)
 
-    # Drift: re-read ZenML and the Secrets every resync interval; writes only on a
-    # difference. Spread over the interval: objects seen together (an operator start, a
-    # bulk apply) would otherwise resync together, every interval, in one burst at ZenML.
-    @kopf.timer(
-        *sa_resource,
-        registry=registry,
-        id="resync",
-        interval=config.resync_seconds,
-        initial_delay=lambda **_: random.uniform(0.5, 1.0) * config.resync_seconds,
-    )
-    async def resync(body: kopf.Body, memo: Any, **_: Any) -> None:
-        await controller.reconcile_service_account(body, memo, trigger=Trigger.RESYNC)
+    # Drift: every known ServiceAccount is checked again every resync interval by one
+    # schedule of the controller (not a Kopf timer per object: see due.py).
 
     @kopf.on.delete(*sa_resource, registry=registry, id="finalize")
     async def finalize(body: kopf.Body, memo: Any, **_: Any) -> None:

@@ -26,14 +26,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import logging
 import time
 from collections.abc import Mapping
 from typing import Any
 
 from zenml_operator import lifecycle
-from zenml_operator import policies as pol
 from zenml_operator import zenml_api as zc
 from zenml_operator.config import OperatorConfig
 from zenml_operator.controller import SERVICE_ACCOUNTS
@@ -42,11 +40,11 @@ from zenml_operator.handlers.common import Deps, Outcome, overlay
 from zenml_operator.kube import KubeError
 from zenml_operator.metrics import Metrics
 from zenml_operator.models import API_VERSION
+from zenml_operator.peering import PeeringGate
 from zenml_operator.runner import Runner
 from zenml_operator.secret_watch import SecretChange, SecretWatch
-from zenml_operator.timestamps import parse_time, utcnow
+from zenml_operator.timestamps import utcnow
 
-PEERING_API = "kopf.dev/v1"
 WRITE_SETTLE_TIMEOUT = 15.0  # seconds: at most one Kubernetes request timeout
 
 logger = logging.getLogger(__name__)
@@ -58,7 +56,7 @@ class SecretRepairs:
         *,
         deps: Deps,
         metrics: Metrics,
-        peering: Any = None,  # kopf.OperatorSettings.peering; None: no peering
+        peering: PeeringGate | None = None,  # None: act always (no Kopf peering)
         reporting_component: str = "kopf",
         reporting_instance: str = "kopf",
         retry_delay: float = 15.0,
@@ -132,7 +130,8 @@ class SecretRepairs:
                 external = [c for c in changes if not self._own(c)]
                 if not external:
                     continue  # only echoes of the operator's own writes
-                if not await self._allowed(owner[0]):
+                gate = self.peering
+                if gate is not None and not await gate.allows(self.deps.kube, owner[0]):
                     logger.debug(f"Secret change of {owner}: left to the leading peer")
                     continue
                 uid = next((c.owner_uid for c in reversed(external) if c.owner_uid), None)
@@ -218,27 +217,6 @@ class SecretRepairs:
             if wakeup is not None:  # None: no daemon of it runs here
                 wakeup.set()
 
-    # --- Kopf peering -----------------------------------------------------------------------
-
-    async def _allowed(self, namespace: str) -> bool:
-        peering = self.peering
-        if peering is None or peering.standalone:
-            return True
-        try:
-            if peering.clusterwide:
-                items = await self.deps.kube.list_objects(PEERING_API, "clusterkopfpeerings", None)
-            else:
-                items = await self.deps.kube.list_objects(PEERING_API, "kopfpeerings", namespace)
-        except KubeError as exc:
-            logger.warning(f"Cannot read Kopf's peering object ({exc}); leaving it to resync")
-            return False
-        found = next((i for i in items if i["metadata"]["name"] == peering.name), None)
-        if found is None:
-            return not peering.mandatory
-        return pol.peering_allows(
-            peers=peers_of(found), own_priority=peering.priority, now=utcnow()
-        )
-
 
 class EventPoster:
     """Posts core v1 Events as Kopf does (fire and forget; a failure is only logged)."""
@@ -287,19 +265,6 @@ class EventPoster:
             await asyncio.wait(set(self._tasks), timeout=5)
 
 
-def peers_of(peering: Mapping[str, Any]) -> list[pol.Peer]:
-    """The entries of a Kopf peering object's status (identity -> priority/lifetime/lastseen)."""
-    peers = []
-    for info in (peering.get("status") or {}).values():
-        if not isinstance(info, Mapping):
-            continue
-        seen = parse_time(info.get("lastseen")) or utcnow()
-        lifetime = int(info.get("lifetime") or 60)
-        alive_until = seen + datetime.timedelta(seconds=lifetime)
-        peers.append(pol.Peer(int(info.get("priority") or 0), alive_until))
-    return peers
-
-
 # --- start-up and clean-up (called by main.py's activities) ---------------------------------
 
 
@@ -331,7 +296,7 @@ def start(memo: Any, config: OperatorConfig, metrics: Metrics, settings: Any) ->
             deps=deps,
             zenml=zenml,
             metrics=metrics,
-            peering=settings.peering,
+            peering=PeeringGate.of(settings.peering),
             reporting_component=settings.posting.reporting_component,
             reporting_instance=settings.posting.reporting_instance,
             retry_delay=config.retry_delay,

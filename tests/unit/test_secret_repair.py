@@ -23,8 +23,8 @@ from zenml_devstack.kube_emulator import (
 from zenml_operator import secrets as sec
 from zenml_operator.kube import KubeClient, KubeGone
 from zenml_operator.models import ApiKeySpec
+from zenml_operator.peering import peers_of
 from zenml_operator.policies import Peer, ValueCheck
-from zenml_operator.repairs import peers_of
 from zenml_operator.secret_record import ANN_VALUE_DIGEST, SecretRecord, value_digest
 from zenml_operator.secret_watch import SELECTOR, SecretChange, SecretWatch, owner_of
 from zenml_operator.secrets import ServerData
