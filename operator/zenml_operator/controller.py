@@ -2,8 +2,8 @@
 
 One `Controller` per operator: it owns the reconcile slots and builds the runner from the
 clients start-up opened. ServiceAccounts are reconciled on create/update/resume and by the
-resync schedule (one task for all of them, see due.py); ApiKeyRotations by one sleeping
-daemon each, woken by raw watch events.
+resync schedule (one task for all of them, see due.py); ApiKeyRotations by the look schedule
+(rotation_looks.py), fed by raw watch events.
 
 Two lanes (policies.plan_reconcile, policies.rotation_look_in_background): checks of known
 state (a resync, the resume of a converged object, an idle rotation look) are background
@@ -35,12 +35,13 @@ from zenml_operator.handlers import service_account as sa
 from zenml_operator.handlers.common import Deps, Outcome, classify
 from zenml_operator.kube import KubeError
 from zenml_operator.metrics import Metrics
-from zenml_operator.models import API_VERSION, ROTATE_ANNOTATION
+from zenml_operator.models import API_VERSION
 from zenml_operator.peering import PeeringGate
+from zenml_operator.rotation_looks import ObjectRef, RotationLooks, Tracked
 from zenml_operator.runner import Kind, Runner, ready_of, reason_of
-from zenml_operator.scheduling import next_look_in, sleep_until
+from zenml_operator.scheduling import next_look_in
 from zenml_operator.servers import PLURALS, ServerKey, key_of_body
-from zenml_operator.timestamps import parse_time, utcnow
+from zenml_operator.timestamps import utcnow
 from zenml_operator.zenml_api.pacing import background_lane
 
 SERVICE_ACCOUNTS = Kind(
@@ -53,15 +54,14 @@ SERVERS = {kind: Kind(plural=plural, metric_name=kind.lower()) for kind, plural 
 # at most ~0.4 s for its token, which also bounds how long it holds its object's lock.
 BACKGROUND_CONCURRENCY = 8
 
+logger = logging.getLogger(__name__)
+
 
 def first_resync_in(resync_seconds: float) -> float:
     """Seconds from first sight to an object's first resync: spread over the second half of
     the interval, so that objects seen together (an operator start, a bulk apply) do not
     resync together, every interval, in one burst at ZenML."""
     return random.uniform(0.5, 1.0) * resync_seconds
-
-
-ObjectRef = tuple[str, str, str]  # (namespace, name, uid)
 
 
 class Controller:
@@ -108,7 +108,7 @@ class Controller:
         return resyncs
 
     async def aclose(self, memo: Any) -> None:
-        for name in ("resyncs", "background"):
+        for name in ("rotation_looks", "resyncs", "background"):
             part = getattr(memo, name, None)
             if part is not None:
                 await part.aclose()
@@ -285,12 +285,63 @@ class Controller:
 
     # --- ApiKeyRotation ------------------------------------------------------------------
 
+    def rotation_looks(self, memo: Any) -> RotationLooks:
+        """The schedule of every rotation's next look (started lazily)."""
+        if getattr(memo, "rotation_looks", None) is None:
+            deps = lifecycle.deps_of(memo)
+
+            async def look(tracked: Tracked, woken: bool) -> float:
+                return await self._look(memo, tracked, woken)
+
+            async def allowed(namespace: str) -> bool:
+                gate: PeeringGate | None = getattr(memo, "peering", None)
+                return gate is None or await gate.allows(deps.kube, namespace)
+
+            def forgotten(ref: ObjectRef) -> None:
+                deps.forget(ref[2])
+                self.metrics.forget_rotation(ref[0], ref[1])
+
+            memo.rotation_looks = looks = RotationLooks(
+                look=look, allowed=allowed, forgotten=forgotten, retry_delay=self.config.retry_delay
+            )
+            deps.wake_rotation = looks.wake
+        rotation_looks: RotationLooks = memo.rotation_looks
+        return rotation_looks
+
+    def rotation_seen(
+        self, memo: Any, body: kopf.Body, event_type: str | None, claims: kopf.Index[Any, Any]
+    ) -> None:
+        """Every watch event of an ApiKeyRotation: track it, wake its look on a change."""
+        deps = lifecycle.deps_of(memo)
+        deps.rotation_claims = lambda ns, account, key: list(claims.get((ns, account, key), ()))
+        self.rotation_looks(memo).seen(body, event_type)
+
+    async def _look(self, memo: Any, tracked: Tracked, woken: bool) -> float:
+        background = pol.rotation_look_in_background(
+            woken_by_change=woken,
+            now=utcnow(),
+            next_rotation=tracked.next_rotation,
+            request=tracked.request,
+            answered_request=tracked.answered_request,
+        )
+        try:
+            return await self.look_at_rotation(memo, *tracked.ref, background=background)
+        except Exception as exc:  # a bug or an unexpected API answer: log and go on
+            problem = classify(exc)
+            namespace, name, _ = tracked.ref
+            if problem is None:
+                logger.exception(f"Look at ApiKeyRotation {namespace}/{name} failed; retrying")
+            else:
+                logger.warning(
+                    f"ApiKeyRotation {namespace}/{name}: {problem.reason}: {problem.message}"
+                )
+            return self.config.retry_delay
+
     async def look_at_rotation(
-        self, body: kopf.Body, memo: Any, *, background: bool = False
+        self, memo: Any, namespace: str, name: str, uid: str, *, background: bool = False
     ) -> float:
         """One look at a rotation; returns the seconds until it needs the next one."""
         runner = self.runner(memo)
-        meta = body.metadata
 
         async def reconcile(fresh: dict[str, Any]) -> Outcome:
             return await rot.RotationReconciler(fresh, runner.deps).run()
@@ -298,9 +349,9 @@ class Controller:
         async def look() -> Outcome | None:
             return await runner.run(
                 ROTATIONS,
-                meta.namespace,
-                meta.name,
-                meta.uid,
+                namespace,
+                name,
+                uid,
                 reconcile,
                 observe=self._observe_rotation,
                 slots=self.background_slots if background else None,
@@ -312,7 +363,7 @@ class Controller:
         else:
             outcome = await look()
         if outcome is None:
-            self.metrics.forget_rotation(meta.namespace, meta.name)
+            self.metrics.forget_rotation(namespace, name)
         return next_look_in(
             outcome,
             now=utcnow(),
@@ -340,54 +391,6 @@ class Controller:
                 self.metrics.key_issued_at(
                     meta["namespace"], account, key, after.get("lastRotationTime")
                 )
-
-    async def rotation_daemon(
-        self,
-        body: kopf.Body,
-        memo: Any,
-        stopped: kopf.DaemonStopped,
-        logger: logging.Logger,
-        claims: kopf.Index[Any, Any],
-    ) -> None:
-        deps = lifecycle.deps_of(memo)
-        deps.rotation_claims = lambda ns, account, key: list(claims.get((ns, account, key), ()))
-        wakeup = deps.wakeup_for(body.metadata.uid)
-        woken = False  # the first look (an operator start): by the status, as the later ones
-        while not stopped:
-            status = body.get("status") or {}
-            background = pol.rotation_look_in_background(
-                woken_by_change=woken,
-                now=utcnow(),
-                next_rotation=parse_time(status.get("nextRotationTime")),
-                request=(body.metadata.annotations.get(ROTATE_ANNOTATION) or "").strip(),
-                answered_request=status.get("lastRotateRequest") or "",
-            )
-            try:
-                delay = await self.look_at_rotation(body, memo, background=background)
-            except Exception as exc:  # a bug or an unexpected API answer: log and go on
-                problem = classify(exc)
-                if problem is None:
-                    logger.exception("Rotation check failed unexpectedly; retrying")
-                else:
-                    logger.warning(f"{problem.reason}: {problem.message}")
-                delay = self.config.retry_delay
-            woken = await sleep_until(stopped, wakeup, delay)
-        deps.forget(body.metadata.uid)
-        # The daemon stops when the object goes (or the operator stops): drop its series.
-        self.metrics.forget_rotation(body.metadata.namespace, body.metadata.name)
-
-    @staticmethod
-    def rotation_changed(deps: Deps, body: kopf.Body, event_type: str | None) -> None:
-        """Wake the rotation's daemon when what a look depends on (besides time) changed:
-        the spec or the on-demand request."""
-        uid = body.metadata.uid
-        if event_type == "DELETED":
-            deps.forget(uid)
-            return
-        seen = (body.metadata.get("generation"), body.metadata.annotations.get(ROTATE_ANNOTATION))
-        if deps.looked_at.setdefault(uid, seen) != seen:
-            deps.looked_at[uid] = seen
-            deps.wakeup_for(uid).set()
 
     @staticmethod
     def rotation_claim(

@@ -102,28 +102,23 @@ def build_registry(
 
     # Which rotations claim which key, kept by Kopf from the watch stream (no LIST per look).
     @kopf.index(*rotation_resource, registry=registry, id="rotation_claims")
-    def rotation_claims(
+    async def rotation_claims(
         namespace: str, name: str, spec: kopf.Spec, meta: kopf.Meta, **_: Any
     ) -> dict[tuple[str, Any, Any], tuple[str, str]]:
         return controller.rotation_claim(namespace, name, spec, meta)
 
-    # One sleeping daemon per rotation: it wakes at the next due time (a rotation or the
-    # end of a retention), on a spec/annotation change, or every resync interval.
-    @kopf.daemon(*rotation_resource, registry=registry, id="rotation", cancellation_timeout=5.0)
-    async def rotation_daemon(
+    # Every rotation's next look is in one schedule of the controller (rotation_looks.py),
+    # fed by this raw watch-event handler: due times, and a look at once on a change of the
+    # spec or the on-demand annotation. Not a Kopf daemon per rotation (memory), and not
+    # on.update (Kopf would write its bookkeeping to the object twice per change).
+    @kopf.on.event(*rotation_resource, registry=registry, id="track")
+    async def rotation_event(
         body: kopf.Body,
         memo: Any,
-        stopped: kopf.DaemonStopped,
-        logger: logging.Logger,
+        type: str | None,
         rotation_claims: kopf.Index[Any, Any],
         **_: Any,
     ) -> None:
-        await controller.rotation_daemon(body, memo, stopped, logger, rotation_claims)
-
-    # A raw watch-event handler, not on.update: Kopf writes nothing back for it (on.update
-    # costs two patches of the object per change, to record what it handled).
-    @kopf.on.event(*rotation_resource, registry=registry, id="wake")
-    def rotation_event(body: kopf.Body, memo: Any, type: str | None, **_: Any) -> None:
-        controller.rotation_changed(lifecycle.deps_of(memo), body, type)
+        controller.rotation_seen(memo, body, type, rotation_claims)
 
     return registry

@@ -201,8 +201,8 @@ class SecretRepairs:
         self.metrics.set_api_keys(meta["namespace"], meta["name"], after.get("apiKeys"))
 
     async def _wake_rotations(self, namespace: str, account: str, keys: list[str]) -> None:
-        """Wake the daemons of the rotations of this account's keys (Kopf's index names
-        them; a daemon's wake-up is found by the rotation's uid)."""
+        """Bring the next looks of the rotations of this account's keys forward to now
+        (Kopf's index names them; the look schedule knows them by uid)."""
         claims = self.deps.rotation_claims
         names = {name for key in keys for _, name in claims(namespace, account, key)}
         for name in sorted(names):
@@ -213,9 +213,8 @@ class SecretRepairs:
             except KubeError:
                 continue
             uid = (rotation or {}).get("metadata", {}).get("uid")
-            wakeup = self.deps.wakeups.get(uid) if uid else None
-            if wakeup is not None:  # None: no daemon of it runs here
-                wakeup.set()
+            if uid:
+                self.deps.wake_rotation(uid)
 
 
 class EventPoster:

@@ -1,11 +1,8 @@
-"""When a rotation daemon looks next, and how it sleeps until then (pure, plus one waiter)."""
+"""When a rotation is looked at next (pure)."""
 
 from __future__ import annotations
 
-import asyncio
 import datetime
-
-import kopf
 
 from zenml_operator.handlers.common import Outcome
 
@@ -31,20 +28,3 @@ def next_look_in(
         return resync_seconds
     seconds = (outcome.wake_at - now).total_seconds()
     return min(max(seconds, MIN_DELAY), resync_seconds)
-
-
-async def sleep_until(stopped: kopf.DaemonStopped, wakeup: asyncio.Event, seconds: float) -> bool:
-    """Sleep `seconds`, or less if the daemon is stopped or woken up; True when woken up (the
-    object changed)."""
-    waiters = {
-        asyncio.ensure_future(stopped.wait()),  # type: ignore[arg-type]
-        asyncio.ensure_future(wakeup.wait()),
-    }
-    try:
-        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
-    woken = wakeup.is_set()
-    wakeup.clear()
-    return woken

@@ -35,10 +35,8 @@ class Deps:
     server_data: ServerData
     events: EventSink
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)
-    wakeups: dict[str, asyncio.Event] = field(default_factory=dict)
-    # uid -> (generation, on-demand request) last seen in the watch stream, to wake a
-    # rotation daemon only when one of them changes.
-    looked_at: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    # Bring a rotation's next look forward to now, by its uid (see rotation_looks.py).
+    wake_rotation: Callable[[str], None] = lambda uid: None
     # (creationTimestamp, name) of the ApiKeyRotations of (namespace, account, key), from
     # Kopf's in-memory index: a LIST per look would make every look O(all rotations).
     rotation_claims: Callable[[str, str, str], Iterable[tuple[str, str]]] = lambda *_: ()
@@ -53,19 +51,10 @@ class Deps:
             lock = self.locks[uid] = asyncio.Lock()
         return lock
 
-    def wakeup_for(self, uid: str) -> asyncio.Event:
-        """Set to make a sleeping rotation daemon look again now (spec/annotation changed)."""
-        event = self.wakeups.get(uid)
-        if event is None:
-            event = self.wakeups[uid] = asyncio.Event()
-        return event
-
     def forget(self, uid: str, *, secrets: Iterable[tuple[str, str]] = ()) -> None:
-        """Drop what was kept for a gone object: its lock, its wake-up, and the locks of the
-        Secrets it owned ((namespace, name)), so that none outlives its object."""
+        """Drop what was kept for a gone object: its lock, and the locks of the Secrets it
+        owned ((namespace, name)), so that none outlives its object."""
         self.locks.pop(uid, None)
-        self.wakeups.pop(uid, None)
-        self.looked_at.pop(uid, None)
         for namespace, name in secrets:
             self.locks.pop(secret_lock(namespace, name), None)
 
