@@ -316,7 +316,7 @@ class Controller:
         deps.rotation_claims = lambda ns, account, key: list(claims.get((ns, account, key), ()))
         self.rotation_looks(memo).seen(body, event_type)
 
-    async def _look(self, memo: Any, tracked: Tracked, woken: bool) -> float:
+    async def _look(self, memo: Any, tracked: Tracked, woken: bool) -> float | None:
         background = pol.rotation_look_in_background(
             woken_by_change=woken,
             now=utcnow(),
@@ -339,8 +339,9 @@ class Controller:
 
     async def look_at_rotation(
         self, memo: Any, namespace: str, name: str, uid: str, *, background: bool = False
-    ) -> float:
-        """One look at a rotation; returns the seconds until it needs the next one."""
+    ) -> float | None:
+        """One look at a rotation; returns the seconds until it needs the next one, or None
+        when it is gone or being deleted."""
         runner = self.runner(memo)
 
         async def reconcile(fresh: dict[str, Any]) -> Outcome:
@@ -364,6 +365,7 @@ class Controller:
             outcome = await look()
         if outcome is None:
             self.metrics.forget_rotation(namespace, name)
+            return None
         return next_look_in(
             outcome,
             now=utcnow(),

@@ -48,8 +48,9 @@ class Tracked:
         return self.seen[1]
 
 
-# A look: (the rotation, woken by a change) -> seconds until the next one.
-Look = Callable[[Tracked, bool], Awaitable[float]]
+# A look: (the rotation, woken by a change) -> seconds until the next one; None: it is gone
+# (deleted while a peer led and this operator's watch was paused: no DELETED event came).
+Look = Callable[[Tracked, bool], Awaitable[float | None]]
 Allowed = Callable[[str], Awaitable[bool]]  # may this operator act in the namespace (peering)
 Forgotten = Callable[[ObjectRef], None]
 
@@ -130,8 +131,13 @@ class RotationLooks:
             delay = self.retry_delay
         finally:
             tracked.running = False
-        if self.tracked.get(tracked.ref[2]) is tracked:  # not deleted meanwhile
-            self.schedule.set(tracked.ref[2], 0 if tracked.woken else delay)
+        uid = tracked.ref[2]
+        if self.tracked.get(uid) is not tracked:
+            return  # deleted meanwhile
+        if delay is None:
+            self.forget(uid)
+        else:
+            self.schedule.set(uid, 0 if tracked.woken else delay)
 
     async def aclose(self) -> None:
         await self.schedule.aclose()

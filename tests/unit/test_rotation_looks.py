@@ -34,15 +34,16 @@ class Harness:
         self.allowed = allowed
         self.delay = delay
         self.hold: asyncio.Event | None = None  # set: looks wait for it
+        self.gone = False  # the look finds the object gone
         self.looks_obj = RotationLooks(
             look=self.look, allowed=self.allow, forgotten=self.forgotten.append, retry_delay=HOUR
         )
 
-    async def look(self, tracked: Tracked, woken: bool) -> float:
+    async def look(self, tracked: Tracked, woken: bool) -> float | None:
         self.looks.append((tracked.ref[2], woken))
         if self.hold is not None:
             await self.hold.wait()
-        return self.delay
+        return None if self.gone else self.delay
 
     async def allow(self, namespace: str) -> bool:
         return self.allowed
@@ -127,3 +128,12 @@ async def test_wake_by_uid_and_an_unknown_uid_is_ignored() -> None:
     await until(lambda: h.looks[-1:] == [("u1", True)], "the woken look")
     assert "unknown" not in looks.tracked
     await looks.aclose()
+
+
+async def test_a_look_that_finds_the_object_gone_forgets_it() -> None:
+    h = Harness()
+    h.gone = True  # deleted while the watch was paused (a peer led): no DELETED event
+    h.looks_obj.seen(body(), None)
+    await until(lambda: h.forgotten == [("ns", "rot-u1", "u1")], "forgotten")
+    assert "u1" not in h.looks_obj.tracked and "u1" not in h.looks_obj.schedule
+    await h.looks_obj.aclose()
