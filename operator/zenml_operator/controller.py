@@ -290,7 +290,7 @@ class Controller:
         if getattr(memo, "rotation_looks", None) is None:
             deps = lifecycle.deps_of(memo)
 
-            async def look(tracked: Tracked, woken: bool) -> float:
+            async def look(tracked: Tracked, woken: bool) -> float | None:
                 return await self._look(memo, tracked, woken)
 
             async def allowed(namespace: str) -> bool:
