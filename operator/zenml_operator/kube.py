@@ -103,14 +103,37 @@ def kube_login(*, logger: logging.Logger, settings: kopf.OperatorSettings, **kwa
 OWN_VERSIONS_KEPT = 4  # resourceVersions of the operator's own writes kept per Secret
 
 
+def without_managed_fields(data: Any) -> Any:
+    """An API answer (one object or a list) without `metadata.managedFields`: server-side
+    apply's field ownership, which the operator never reads and which is a third or more of
+    each object it lists (every writer of an object adds an entry)."""
+    if isinstance(data, dict):
+        for obj in (data, *(data.get("items") or ())):
+            meta = obj.get("metadata") if isinstance(obj, dict) else None
+            if isinstance(meta, dict):
+                meta.pop("managedFields", None)
+    return data
+
+
+class _LeanResponse(aiohttp.ClientResponse):
+    """Kopf's answers as Kopf reads them (`.json()`), minus managedFields: a listing's
+    objects wait in Kopf's per-object queues at an operator start (measured: 12 MB less
+    peak RSS over 1000 ServiceAccounts + 1000 ApiKeyRotations). Watch events take another
+    path in Kopf (single objects, parsed line by line) and are left as they are."""
+
+    async def json(self, *args: Any, **kwargs: Any) -> Any:
+        return without_managed_fields(await super().json(*args, **kwargs))
+
+
 def kopf_session(info: kopf.ConnectionInfo, *, limit: int) -> kopf.AiohttpSession:
     """Kopf's API session, as Kopf makes it but with a bounded pool. Kopf's own has none
     (aiohttp `limit=0`): a burst of objects handled at once (a bulk apply, the finalizers
     of a first start) opens one TLS connection per object, each with a 128-256 KiB buffer
     in asyncio's SSL transport, and the freed memory stays in the process: about 230 MB
     more peak RSS over 2000 objects (measured; README "Benchmark", memory). Kopf closes it
-    when the credentials are replaced."""
+    when the credentials are replaced. Its answers come without managedFields (above)."""
     session = aiohttp.ClientSession(
+        response_class=_LeanResponse,
         connector=aiohttp.TCPConnector(limit=limit, ssl=info.as_ssl_context()),
         headers=info.as_http_headers(),
         proxy=info.proxy_url,

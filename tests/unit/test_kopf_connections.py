@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import kopf
 import pytest
+from aiohttp import web
 
 from zenml_operator.config import OperatorConfig
 from zenml_operator.kube import kopf_session
@@ -45,3 +46,40 @@ async def test_the_session_kopf_gets_has_that_bound_and_the_credentials() -> Non
         assert context.aiohttp_session.headers["Authorization"] == "Bearer t0ken"
     finally:
         await context.aiohttp_session.close()
+
+
+async def test_the_session_kopf_gets_reads_answers_without_managed_fields() -> None:
+    """What Kopf lists and reads keeps everything but metadata.managedFields."""
+    listing = {
+        "kind": "ServiceAccountList",
+        "metadata": {"resourceVersion": "7"},
+        "items": [
+            {
+                "metadata": {"name": f"sa-{i}", "managedFields": [{"manager": "kubectl"}]},
+                "spec": {"apiKeys": [{"name": "a"}]},
+            }
+            for i in range(3)
+        ],
+    }
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.json_response(listing)
+
+    app = web.Application()
+    app.router.add_get("/list", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    info = kopf.ConnectionInfo(server=f"http://127.0.0.1:{port}")
+    context = kopf_session(info, limit=4)
+    try:
+        async with context.aiohttp_session.get(f"{info.server}/list") as response:
+            data = await response.json()
+    finally:
+        await context.aiohttp_session.close()
+        await runner.cleanup()
+    assert [item["metadata"] for item in data["items"]] == [{"name": f"sa-{i}"} for i in range(3)]
+    assert [item["spec"] for item in data["items"]] == [{"apiKeys": [{"name": "a"}]}] * 3
+    assert data["metadata"] == {"resourceVersion": "7"}
