@@ -197,7 +197,7 @@ class Trigger(enum.Enum):
     CREATE = "create"  # first seen (Kopf on.create)
     UPDATE = "update"  # its spec or metadata changed (Kopf on.update)
     RESUME = "resume"  # seen again at an operator start (Kopf on.resume)
-    RESYNC = "resync"  # the periodic drift check (Kopf timer)
+    RESYNC = "resync"  # the periodic drift check (the controller's resync schedule)
 
 
 @dataclass(frozen=True)
@@ -230,7 +230,7 @@ def rotation_look_in_background(
     request: str,
     answered_request: str,
 ) -> bool:
-    """Whether a rotation daemon's look is background work, from what its last status says.
+    """Whether a rotation's look is background work, from what its last status says.
 
     A look woken by a change of the object, a rotation due by the recorded schedule, or an
     on-demand request not answered yet, is not. The first look after an operator start and

@@ -6,10 +6,10 @@ fields that differ) -> a Warning Event when Ready turns False for a new reason -
 The reconcile itself is a plain async function of the freshly read object that returns an
 `Outcome`; what to do next (retry, sleep until `wake_at`) is the caller's to map to Kopf.
 
-Why a fresh read under the lock: the body Kopf hands a timer or daemon may predate the status
+Why a fresh read under the lock: the body a handler or a schedule has may predate the status
 the previous run wrote, and deciding on stale status is how duplicates and false
 NameConflicts happen. Why the status is written here and not by Kopf after the handler: a
-resync timer handed an older body would otherwise overwrite it.
+check handed an older body would otherwise overwrite it.
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ class Deps:
     servers: ServerDirectory | None = None
 
     def lock_for(self, uid: str) -> asyncio.Lock:
-        """Serialises the handlers and the resync timer of one object."""
+        """Serialises the handlers, checks and looks of one object."""
         lock = self.locks.get(uid)
         if lock is None:
             lock = self.locks[uid] = asyncio.Lock()
@@ -61,7 +61,8 @@ class Deps:
 
 class _Overlay:
     """Deps with a few fields replaced; everything else read through, also what is set on
-    the base later (Kopf's rotation index is attached by the first daemon)."""
+    the base later (Kopf's rotation index and the look schedule's wake-up are attached after
+    start-up)."""
 
     def __init__(self, base: Deps, **overrides: Any) -> None:
         self.__dict__.update(overrides)
