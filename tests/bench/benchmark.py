@@ -2047,7 +2047,7 @@ class Bench:
         t_start = time.perf_counter()
         await op.start()
         try:
-            # Let the start-up wave (resume handlers, daemons) and the first resync pass end.
+            # Let the start-up wave (resume handlers, first looks) and the first resync end.
             deadline = time.perf_counter() + self.args.phase_timeout
             while True:
                 stats = await op.stats()
@@ -2168,7 +2168,7 @@ class Bench:
                 None,
                 "≤ 1",
                 rot_reads <= 1.0,
-                f"{rot_interval:.2f} per object per elapsed interval; the daemon wakes every"
+                f"{rot_interval:.2f} per object per elapsed interval; a rotation is looked at every"
                 " resync interval",
             )
 
