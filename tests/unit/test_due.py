@@ -3,18 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
+from waiting import until
 from zenml_operator.due import DueSchedule
-
-DEADLINE = 5.0
-
-
-async def until(condition, what: str) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
 
 
 def recorder() -> tuple[list[str], DueSchedule[str]]:

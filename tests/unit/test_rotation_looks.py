@@ -4,21 +4,13 @@ peering. The look itself is a stand-in that records its calls (the e2e tests run
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
+from waiting import until
 from zenml_operator.models import ROTATE_ANNOTATION
 from zenml_operator.rotation_looks import RotationLooks, Tracked
 
-DEADLINE = 5.0
 HOUR = 3600.0
-
-
-async def until(condition, what: str) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
 
 
 def body(uid: str = "u1", *, generation: int = 1, request: str = "", **status: Any) -> dict:
