@@ -245,7 +245,14 @@ async def test_every_request_is_granted_and_every_grant_is_used(
     emulator.create_object(
         rot,
         {
-            "metadata": {"name": name, "namespace": NS, "annotations": {"zenml.io/rotate": "1"}},
+            # The finalizer builds before the rotation schedule put on every rotation (for
+            # its Kopf daemon): an upgrade meets them, and Kopf removes them (the patch).
+            "metadata": {
+                "name": name,
+                "namespace": NS,
+                "annotations": {"zenml.io/rotate": "1"},
+                "finalizers": ["zenml.io/finalizer"],
+            },
             "spec": {
                 "serviceAccountName": name,
                 "apiKeyName": "main",
@@ -261,6 +268,7 @@ async def test_every_request_is_granted_and_every_grant_is_used(
 
     await cluster.wait_for(rotated, timeout=20)
     emulator.delete_object(rot, NS, name)
+    await cluster.wait_for(lambda: emulator.get_object(rot, NS, name) is None, timeout=20)
     emulator.delete_object(sa, NS, name)
     await cluster.wait_for(lambda: emulator.get_object(sa, NS, name) is None, timeout=20)
     with pytest.raises(zc.NotFoundError):
