@@ -104,6 +104,12 @@ def detail_text(response: httpx.Response) -> str:
     return text if len(text) <= _MAX_DETAIL else text[: _MAX_DETAIL - 3] + "..."
 
 
+# A create that lost a race for a name inside ZenML (its look-up said free, the insert found
+# it taken) answers 500 with the database's unique-constraint error, not 409 (seen with
+# sqlite: two resources with one spec.name applied at once). Nothing was created: a conflict.
+_DUPLICATE_INSERT = re.compile(r"IntegrityError.*(UNIQUE constraint failed|Duplicate entry)")
+
+
 def error_for(response: httpx.Response, method: str, path: str) -> ZenMLError:
     """The error for a failed response: its type from the status (5xx: unavailable)."""
     status = response.status_code
@@ -111,8 +117,10 @@ def error_for(response: httpx.Response, method: str, path: str) -> ZenMLError:
     message = f"ZenML {method} {path} failed with HTTP {status}"
     if detail:
         message += f": {detail}"
-    if status >= 500:
-        cls: type[ZenMLError] = UnavailableError
+    if status >= 500 and _DUPLICATE_INSERT.search(detail):
+        cls: type[ZenMLError] = ConflictError
+    elif status >= 500:
+        cls = UnavailableError
     else:
         cls = _STATUS_ERRORS.get(status, ZenMLError)
     return cls(message, status_code=status, method=method, path=path, detail=detail)
