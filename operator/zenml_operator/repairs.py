@@ -295,7 +295,7 @@ def start(memo: Any, config: OperatorConfig, metrics: Metrics, settings: Any) ->
             deps=deps,
             zenml=zenml,
             metrics=metrics,
-            peering=PeeringGate.of(settings.peering),
+            peering=getattr(memo, "peering", None),  # the start-up handler's, shared
             reporting_component=settings.posting.reporting_component,
             reporting_instance=settings.posting.reporting_instance,
             retry_delay=config.retry_delay,
