@@ -35,9 +35,9 @@ from zenml_operator.handlers import service_account as sa
 from zenml_operator.handlers.common import Deps, Outcome, classify
 from zenml_operator.kube import KubeError
 from zenml_operator.metrics import Metrics
-from zenml_operator.models import API_VERSION
+from zenml_operator.models import API_VERSION, ObjectRef
 from zenml_operator.peering import PeeringGate
-from zenml_operator.rotation_looks import ObjectRef, RotationLooks, Tracked
+from zenml_operator.rotation_looks import RotationLooks, Tracked
 from zenml_operator.runner import Kind, Runner, ready_of, reason_of
 from zenml_operator.scheduling import next_look_in
 from zenml_operator.servers import PLURALS, ServerKey, key_of_body

@@ -51,6 +51,27 @@ class KubeGone(KubeError):
     """410: a watch's resourceVersion is older than the server's history; list again."""
 
 
+def _error_class(status_code: int) -> type[KubeError]:
+    return {404: KubeNotFound, 409: KubeConflict, 410: KubeGone}.get(status_code, KubeError)
+
+
+def _reason_of(status: Mapping[str, Any], default: str) -> tuple[str, str]:
+    """(reason, message) of a Kubernetes `Status`; the message cut short for logs."""
+    return str(status.get("reason") or default), str(status.get("message") or "")[:300]
+
+
+def _error_of(response: httpx.Response, method: str, path: str) -> KubeError:
+    """The error an answer >= 400 stands for, with the API's own reason and message."""
+    try:
+        payload = response.json()
+    except ValueError:
+        payload = {}
+    if not isinstance(payload, dict):
+        payload = {}
+    code = response.status_code
+    return _error_class(code)(code, method, path, *_reason_of(payload, response.reason_phrase))
+
+
 def _materialise(data: str | bytes, suffix: str) -> str:
     """httpx/ssl want files for client certificates; Kopf may hand us inline data."""
     raw = data.encode() if isinstance(data, str) else data
@@ -254,31 +275,31 @@ class KubeClient:
         async with self._in_flight:
             response = await self._http.request(method, path, json=json, headers=headers)
         if response.status_code >= 400:
-            try:
-                payload = response.json()
-            except ValueError:
-                payload = {}
-            reason = str(payload.get("reason") or response.reason_phrase)
-            message = str(payload.get("message") or "")[:300]
-            cls = {404: KubeNotFound, 409: KubeConflict}.get(response.status_code, KubeError)
-            raise cls(response.status_code, method, path, reason, message)
-        return response.json() if response.content else {}
+            raise _error_of(response, method, path)
+        return without_managed_fields(response.json()) if response.content else {}
+
+    @staticmethod
+    def _collection_path(api_version: str, plural: str, namespace: str | None) -> str:
+        """A kind's path in a namespace, or in all of them / a cluster-scoped kind (None)."""
+        prefix = "/api" if "/" not in api_version else "/apis"
+        where = f"namespaces/{namespace}/" if namespace is not None else ""
+        return f"{prefix}/{api_version}/{where}{plural}"
+
+    @classmethod
+    def _object_path(cls, api_version: str, plural: str, namespace: str | None, name: str) -> str:
+        return f"{cls._collection_path(api_version, plural, namespace)}/{name}"
 
     # --- Secrets -------------------------------------------------------------------
 
-    @staticmethod
-    def _secrets(namespace: str) -> str:
-        return f"/api/v1/namespaces/{namespace}/secrets"
-
     async def get_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            return await self._request("GET", f"{self._secrets(namespace)}/{name}")
+            return await self._request("GET", self._object_path("v1", "secrets", namespace, name))
         except KubeNotFound:
             return None
 
     async def create_secret(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
         async with self._writing_secret(namespace, str(body["metadata"]["name"])):
-            created = await self._request("POST", self._secrets(namespace), json=body)
+            created = await self._request("POST", self._secrets_of(namespace), json=body)
             self._wrote(namespace, created)
         return created
 
@@ -288,7 +309,10 @@ class KubeClient:
         """Merge-patch; include metadata.resourceVersion in `patch` for a 409 on races."""
         async with self._writing_secret(namespace, name):
             patched = await self._request(
-                "PATCH", f"{self._secrets(namespace)}/{name}", json=patch, content_type=MERGE_PATCH
+                "PATCH",
+                self._object_path("v1", "secrets", namespace, name),
+                json=patch,
+                content_type=MERGE_PATCH,
             )
             self._wrote(namespace, patched)
         return patched
@@ -300,14 +324,16 @@ class KubeClient:
             body["preconditions"] = {"uid": uid}
             self._own_deletes[namespace, name] = uid
         try:
-            await self._request("DELETE", f"{self._secrets(namespace)}/{name}", json=body)
+            await self._request(
+                "DELETE", self._object_path("v1", "secrets", namespace, name), json=body
+            )
         except KubeNotFound:
             return False
         return True
 
-    @staticmethod
-    def _secrets_of(namespace: str | None) -> str:
-        return "/api/v1/secrets" if namespace is None else f"/api/v1/namespaces/{namespace}/secrets"
+    @classmethod
+    def _secrets_of(cls, namespace: str | None) -> str:
+        return cls._collection_path("v1", "secrets", namespace)
 
     async def list_secrets(
         self, namespace: str | None, *, label_selector: str, page_size: int = 500
@@ -361,14 +387,7 @@ class KubeClient:
         ) as response:
             if response.status_code >= 400:
                 await response.aread()
-                try:
-                    payload = response.json()
-                except ValueError:
-                    payload = {}
-                reason = str(payload.get("reason") or response.reason_phrase)
-                message = str(payload.get("message") or "")[:300]
-                cls = KubeGone if response.status_code == 410 else KubeError
-                raise cls(response.status_code, "WATCH", path, reason, message)
+                raise _error_of(response, "WATCH", path)
             async for line in response.aiter_lines():
                 if not line.strip():
                     continue
@@ -376,10 +395,8 @@ class KubeClient:
                 if event.get("type") == "ERROR":
                     status = event.get("object") or {}
                     code = int(status.get("code") or 500)
-                    cls = KubeGone if code == 410 else KubeError
-                    reason = str(status.get("reason") or "Error")
-                    message = str(status.get("message") or "")[:300]
-                    raise cls(code, "WATCH", path, reason, message)
+                    raise _error_class(code)(code, "WATCH", path, *_reason_of(status, "Error"))
+                without_managed_fields(event.get("object"))
                 yield event
 
     async def create_event(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
@@ -387,13 +404,6 @@ class KubeClient:
         return await self._request("POST", f"/api/v1/namespaces/{namespace}/events", json=body)
 
     # --- Custom resources ------------------------------------------------------------
-
-    @staticmethod
-    def _object_path(api_version: str, plural: str, namespace: str | None, name: str) -> str:
-        """An object's path; namespace None: a cluster-scoped kind."""
-        prefix = "/api" if "/" not in api_version else "/apis"
-        where = f"namespaces/{namespace}/" if namespace is not None else ""
-        return f"{prefix}/{api_version}/{where}{plural}/{name}"
 
     async def patch_status(
         self,
@@ -422,16 +432,13 @@ class KubeClient:
     ) -> AsyncIterator[dict[str, Any]]:
         """The objects of a namespace (or all, None), a page at a time: a rare scan over
         thousands of objects never holds them all at once."""
-        prefix = "/api" if "/" not in api_version else "/apis"
-        where = f"namespaces/{namespace}/" if namespace is not None else ""
+        path = self._collection_path(api_version, plural, namespace)
         token = ""
         while True:
             query = {"limit": str(page_size)}
             if token:
                 query["continue"] = token
-            page = await self._request(
-                "GET", f"{prefix}/{api_version}/{where}{plural}?{urlencode(query)}"
-            )
+            page = await self._request("GET", f"{path}?{urlencode(query)}")
             for item in page.get("items") or []:
                 yield item
             token = str((page.get("metadata") or {}).get("continue") or "")
@@ -442,9 +449,7 @@ class KubeClient:
         self, api_version: str, plural: str, namespace: str | None
     ) -> list[dict[str, Any]]:
         """The objects of a namespace, or of a cluster-scoped kind (namespace None)."""
-        prefix = "/api" if "/" not in api_version else "/apis"
-        where = f"namespaces/{namespace}/" if namespace is not None else ""
-        result = await self._request("GET", f"{prefix}/{api_version}/{where}{plural}")
+        result = await self._request("GET", self._collection_path(api_version, plural, namespace))
         return list(result.get("items") or [])
 
     async def patch_object(

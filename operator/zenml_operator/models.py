@@ -24,6 +24,8 @@ GROUP = "zenml.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 
+ObjectRef = tuple[str, str, str]  # (namespace, name, uid): one custom resource, as scheduled
+
 # DNS-1123 label: what Kubernetes accepts as a name segment; also safe as a ZenML name.
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 # DNS-1123 subdomain: what Kubernetes accepts as a Secret name.

@@ -197,7 +197,8 @@ class Trigger(enum.Enum):
     CREATE = "create"  # first seen (Kopf on.create)
     UPDATE = "update"  # its spec or metadata changed (Kopf on.update)
     RESUME = "resume"  # seen again at an operator start (Kopf on.resume)
-    RESYNC = "resync"  # the periodic drift check (the controller's resync schedule)
+    # No RESYNC: the periodic drift check is always background, one read; the controller's
+    # resync schedule queues it to the background workers without asking.
 
 
 @dataclass(frozen=True)
@@ -211,13 +212,13 @@ def plan_reconcile(
 ) -> ReconcilePath:
     """Which path a ServiceAccount reconcile takes.
 
-    A resync, and the resume of a resource the last run converged (status.observedGeneration
-    is the current generation and Ready is True), are checks of known state: background,
-    one ZenML read. Everything else has work to do and is never queued behind them: a new
-    resource, a spec change (while the operator ran or while it was down: Kopf then calls it
-    an update), a resume of a resource whose last run failed."""
+    The resume of a resource the last run converged (status.observedGeneration is the
+    current generation and Ready is True) is a check of known state, as a resync is:
+    background, one ZenML read. Everything else has work to do and is never queued behind
+    them: a new resource, a spec change (while the operator ran or while it was down: Kopf
+    then calls it an update), a resume of a resource whose last run failed."""
     converged = ready and observed_generation is not None and observed_generation == generation
-    if trigger is Trigger.RESYNC or (trigger is Trigger.RESUME and converged):
+    if trigger is Trigger.RESUME and converged:
         return ReconcilePath(background=True, one_read=True)
     return ReconcilePath(background=False, one_read=False)
 

@@ -23,10 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zenml_operator.due import DueSchedule
-from zenml_operator.models import ROTATE_ANNOTATION
+from zenml_operator.models import ROTATE_ANNOTATION, ObjectRef
 from zenml_operator.timestamps import parse_time
 
-ObjectRef = tuple[str, str, str]  # (namespace, name, uid)
 STOP_GRACE = 5.0  # seconds a look in flight may finish at operator stop before it is cancelled
 
 logger = logging.getLogger(__name__)

@@ -153,8 +153,6 @@ PATH_CASES = [
     (Trigger.RESUME, 2, True, (False, False)),  # changed while the operator was down
     (Trigger.RESUME, 3, False, (False, False)),  # its last run failed: work to do
     (Trigger.RESUME, None, False, (False, False)),  # never reconciled
-    (Trigger.RESYNC, 3, True, (True, True)),  # the periodic check
-    (Trigger.RESYNC, 2, False, (True, True)),  # one_read falls back by itself (light_look)
 ]
 
 
@@ -169,8 +167,6 @@ PATH_CASES = [
         "resume-changed",
         "resume-failed",
         "resume-new",
-        "resync",
-        "resync-unconverged",
     ],
 )
 def test_plan_reconcile(
