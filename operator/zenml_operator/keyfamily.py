@@ -47,6 +47,18 @@ def newer_than(members: Iterable[ApiKeyInfo], key: ApiKeyInfo, base: str) -> lis
     return [m for m in family(members, base) if (generation(m.name, base) or 0) > start]
 
 
+def restored_from_older_copy(
+    members: Iterable[ApiKeyInfo], held: ApiKeyInfo, recorded_current: str | None, base: str
+) -> bool:
+    """Whether the Secret holds an older key than the one a rotation's status names as its
+    current (`recorded_current`): the Secret was put back from a copy older than the
+    rotation's last write (a backup, a stale GitOps copy). Its newer keys are then not
+    crash leftovers, and its record must not be acted on until the current key is back."""
+    if not recorded_current or held.id == recorded_current:
+        return False
+    return any(m.id == recorded_current for m in newer_than(members, held, base))
+
+
 def next_name(members: Iterable[ApiKeyInfo], base: str) -> str:
     top = max((generation(k.name, base) or 0 for k in members), default=0)
     return f"{base}.r{top + 1}"

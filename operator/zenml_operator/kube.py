@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import json
 import logging
@@ -199,8 +200,8 @@ class KubeClient:
         # are counted, and `secret_writes_settled` waits for them before the comparison.
         self._own_versions: dict[tuple[str, str], tuple[str, ...]] = {}
         self._own_deletes: dict[tuple[str, str], str] = {}
-        self._writing: dict[tuple[str, str], int] = {}
-        self._write_done = asyncio.Event()
+        self._writing: collections.Counter[tuple[str, str]] = collections.Counter()
+        self._write_done = asyncio.Condition()
 
     def update_credentials(self, info: kopf.ConnectionInfo) -> None:
         """Kopf re-runs the login handler when tokens expire; follow it."""
@@ -224,16 +225,15 @@ class KubeClient:
     @contextlib.asynccontextmanager
     async def _writing_secret(self, namespace: str, name: str) -> AsyncIterator[None]:
         key = (namespace, name)
-        self._writing[key] = self._writing.get(key, 0) + 1
+        self._writing[key] += 1
         try:
             yield
         finally:
-            if self._writing[key] > 1:
-                self._writing[key] -= 1
-            else:
+            self._writing[key] -= 1
+            if not self._writing[key]:
                 del self._writing[key]
-            done, self._write_done = self._write_done, asyncio.Event()
-            done.set()
+            async with self._write_done:
+                self._write_done.notify_all()
 
     async def secret_writes_settled(
         self, namespace: str, names: Iterable[str], *, timeout: float
@@ -241,13 +241,9 @@ class KubeClient:
         """Wait (at most `timeout` seconds) until no write of these Secrets is in flight, so
         that the echo of one is known by its resourceVersion."""
         keys = [(namespace, name) for name in names]
-        deadline = asyncio.get_running_loop().time() + timeout
-        while any(key in self._writing for key in keys):
-            remaining = deadline - asyncio.get_running_loop().time()
-            if remaining <= 0:
-                return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._write_done.wait(), remaining)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout), self._write_done:
+                await self._write_done.wait_for(lambda: not any(k in self._writing for k in keys))
 
     def is_own_change(
         self, event_type: str, namespace: str, name: str, *, version: str, uid: str

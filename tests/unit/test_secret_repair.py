@@ -288,6 +288,27 @@ def test_newer_generations_and_sparing_what_a_rotation_names() -> None:
     assert [k.id for k in spared.delete] == ["k2"] and spared.deactivate == []
 
 
+@pytest.mark.parametrize(
+    ("held", "recorded_current", "restored"),
+    [
+        ("k0", "k1", True),  # the Secret holds the key before the rotation's current one
+        ("k0", "k2", True),  # ... or two generations before
+        ("k1", "k1", False),  # the Secret holds the current key
+        ("k2", "k1", False),  # newer than the status: a crash after the write, a leftover case
+        ("k0", None, False),  # the rotation never rotated: nothing to compare
+        ("k0", "gone", False),  # the status names a key ZenML no longer has
+    ],
+)
+def test_a_secret_restored_from_an_older_copy(
+    held: str, recorded_current: str | None, restored: bool
+) -> None:
+    from zenml_operator import keyfamily as kf
+
+    members = [_key("main", "k0"), _key("main.r1", "k1"), _key("main.r2", "k2")]
+    by_id = {k.id: k for k in members}
+    assert kf.restored_from_older_copy(members, by_id[held], recorded_current, "main") is restored
+
+
 def test_the_rotation_record_rebuilt_from_a_rotation_status() -> None:
     from zenml_operator.secret_record import record_from_rotation_status
 

@@ -400,13 +400,10 @@ class RotationReconciler:
                 f"API key {key.name!r} has no key in ZenML yet.",
                 retry=True,
             )
-        # A Secret put back from a copy older than this rotation's last write (a backup,
-        # a stale GitOps copy) records an older key than the one this status names: that
-        # key is not a crash leftover. Its ServiceAccount re-issues it into the Secret (its
-        # Secret watch saw the change), with the record rebuilt from this status; until
-        # then nothing here acts on the stale record (it would rotate or retire again).
-        ours = self.status.get("currentKeyId")
-        if ours and any(m.id == ours for m in kf.newer_than(members, current, key.name)):
+        # Its ServiceAccount re-issues the current key into a Secret put back from an older
+        # copy (its Secret watch saw the change), with the record rebuilt from this status;
+        # until then nothing here acts on the stale record (it would rotate or retire again).
+        if kf.restored_from_older_copy(members, current, self.status.get("currentKeyId"), key.name):
             raise ReconcileProblem(
                 "SecretNotReady",
                 f"Secret {secret['metadata']['name']!r} records an older key of"
