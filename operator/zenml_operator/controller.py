@@ -1,8 +1,9 @@
 """What each Kopf handler does, as plain methods (main.py only wires them to Kopf).
 
 One `Controller` per operator: it owns the reconcile slots and builds the runner from the
-clients start-up opened. ServiceAccounts are reconciled on create/update/resume and by the
-resync schedule (one task for all of them, see due.py); ApiKeyRotations by the look schedule
+clients start-up opened. ServiceAccounts are reconciled on create/update/resume (handed
+over to a task per object, keyed_tasks.py: Kopf's handler returns at once) and by the resync
+schedule (one task for all of them, see due.py); ApiKeyRotations by the look schedule
 (rotation_looks.py), fed by raw watch events.
 
 Two lanes (policies.plan_reconcile, policies.rotation_look_in_background): checks of known
@@ -33,6 +34,7 @@ from zenml_operator.handlers import rotation as rot
 from zenml_operator.handlers import server_resource as zs
 from zenml_operator.handlers import service_account as sa
 from zenml_operator.handlers.common import Deps, Outcome, classify
+from zenml_operator.keyed_tasks import KeyedTasks
 from zenml_operator.kube import KubeError
 from zenml_operator.metrics import Metrics
 from zenml_operator.models import API_VERSION, ObjectRef
@@ -92,6 +94,15 @@ class Controller:
         checks: BackgroundChecks = memo.background
         return checks
 
+    def reconciles(self, memo: Any) -> KeyedTasks:
+        """The ServiceAccount reconciles handed over by Kopf's handlers (started lazily)."""
+        if getattr(memo, "reconciles", None) is None:
+            memo.reconciles = KeyedTasks(
+                retry_delay=self.config.retry_delay, name="zenml-operator reconcile"
+            )
+        reconciles: KeyedTasks = memo.reconciles
+        return reconciles
+
     def resyncs(self, memo: Any) -> DueSchedule[ObjectRef]:
         """When each known ServiceAccount is checked next (started lazily)."""
         if getattr(memo, "resyncs", None) is None:
@@ -108,7 +119,7 @@ class Controller:
         return resyncs
 
     async def aclose(self, memo: Any) -> None:
-        for name in ("rotation_looks", "resyncs", "background"):
+        for name in ("rotation_looks", "resyncs", "reconciles", "background"):
             part = getattr(memo, name, None)
             if part is not None:
                 await part.aclose()
@@ -134,14 +145,23 @@ class Controller:
             # Queued, not awaited: Kopf would hold this object's next change behind it.
             self.queue_service_account_check(memo, namespace, name, uid)
             return
-        # A server's ServiceAccounts take that server's slots: the ones of a hanging server
-        # cannot fill the slots the others need.
-        slots = lifecycle.deps_of(memo).servers.slots_for(server) if server else None
-        outcome = await self._run_service_account(
-            memo, namespace, name, uid, one_read=path.one_read, slots=slots
-        )
-        if outcome is not None and outcome.problem is not None and outcome.problem.retry:
-            raise kopf.TemporaryError(outcome.problem.message, delay=self.config.retry_delay)
+        # Handed over, not awaited: a handler waiting for a slot holds Kopf's per-object
+        # machinery meanwhile (keyed_tasks.py). A server's ServiceAccounts take that server's
+        # slots: the ones of a hanging server cannot fill the slots the others need.
+        deps = lifecycle.deps_of(memo)
+        slots = deps.servers.slots_for(server) if server else None
+
+        async def reconcile() -> bool:
+            # Kopf pauses its handlers for a peer of higher priority; not a retry of ours.
+            gate: PeeringGate | None = getattr(memo, "peering", None)
+            if gate is not None and not await gate.allows(deps.kube, namespace):
+                return False
+            outcome = await self._run_service_account(
+                memo, namespace, name, uid, one_read=path.one_read, slots=slots
+            )
+            return outcome is not None and outcome.problem is not None and outcome.problem.retry
+
+        self.reconciles(memo).submit(uid, reconcile)
 
     async def _run_service_account(
         self,

@@ -1,0 +1,133 @@
+"""Reconciles handed over by Kopf's handlers: one task per key, again after a change, retries."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+
+from waiting import until
+from zenml_operator.keyed_tasks import KeyedTasks
+
+
+class Runs:
+    """A run that records itself, can be held at its start, and asks for N retries."""
+
+    def __init__(self, *, retries: int = 0) -> None:
+        self.started = 0
+        self.in_flight = 0
+        self.most_at_once = 0
+        self.retries = retries
+        self.release = asyncio.Event()
+        self.release.set()
+
+    async def __call__(self) -> bool:
+        self.started += 1
+        self.in_flight += 1
+        self.most_at_once = max(self.most_at_once, self.in_flight)
+        try:
+            await self.release.wait()
+        finally:
+            self.in_flight -= 1
+        if self.retries:
+            self.retries -= 1
+            return True
+        return False
+
+
+async def test_a_key_runs_once_and_its_task_ends() -> None:
+    tasks, run = KeyedTasks(retry_delay=60, name="test"), Runs()
+    tasks.submit("a", run)
+    await until(lambda: run.started == 1 and tasks.running == 0, "one run")
+    await tasks.aclose()
+
+
+async def test_a_hand_over_during_a_run_runs_once_more_after_it_never_beside_it() -> None:
+    tasks, run = KeyedTasks(retry_delay=60, name="test"), Runs()
+    run.release.clear()
+    tasks.submit("a", run)
+    await until(lambda: run.in_flight == 1, "the first run")
+    for _ in range(3):  # three changes while it runs: one more run covers them all
+        tasks.submit("a", run)
+    run.release.set()
+    await until(lambda: tasks.running == 0, "the runs to end")
+    assert run.started == 2 and run.most_at_once == 1
+    await tasks.aclose()
+
+
+async def test_keys_run_side_by_side() -> None:
+    tasks, run = KeyedTasks(retry_delay=60, name="test"), Runs()
+    run.release.clear()
+    for key in "abc":
+        tasks.submit(key, run)
+    await until(lambda: run.in_flight == 3, "three keys at once")
+    run.release.set()
+    await until(lambda: tasks.running == 0, "the runs to end")
+    await tasks.aclose()
+
+
+async def test_a_run_that_asks_is_retried_after_the_delay() -> None:
+    tasks, run = KeyedTasks(retry_delay=0.05, name="test"), Runs(retries=2)
+    tasks.submit("a", run)
+    await until(lambda: run.started == 3 and tasks.running == 0, "two retries")
+    await asyncio.sleep(0.2)  # no retry is left: nothing more may run
+    assert run.started == 3
+    await tasks.aclose()
+
+
+async def test_a_hand_over_while_a_retry_waits_runs_at_once() -> None:
+    tasks, run = KeyedTasks(retry_delay=3600, name="test"), Runs(retries=1)
+    tasks.submit("a", run)
+    await until(lambda: run.started == 1 and tasks.running == 0, "the failed run")
+    tasks.submit("a", run)  # a change: not an hour later
+    await until(lambda: run.started == 2 and tasks.running == 0, "the run for the change")
+    await tasks.aclose()
+
+
+async def test_a_failing_run_is_logged_and_retried(caplog) -> None:  # type: ignore[no-untyped-def]
+    calls = 0
+
+    async def broken() -> bool:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug")
+        return False
+
+    tasks = KeyedTasks(retry_delay=0.05, name="test")
+    tasks.submit("a", broken)
+    await until(lambda: calls == 2 and tasks.running == 0, "the retry after the bug")
+    assert "failed unexpectedly" in caplog.text
+    await tasks.aclose()
+
+
+async def test_close_cancels_runs_and_retries_and_refuses_new_ones() -> None:
+    tasks, run = KeyedTasks(retry_delay=0.05, name="test"), Runs()
+    run.release.clear()
+    tasks.submit("a", run)
+    await until(lambda: run.in_flight == 1, "a run")
+    await tasks.aclose()
+    assert run.in_flight == 0 and tasks.running == 0
+    tasks.submit("b", run)
+    assert tasks.running == 0
+
+
+HANDLER_STATE: contextvars.ContextVar[str] = contextvars.ContextVar("handler_state", default="")
+
+
+async def test_runs_do_not_inherit_the_context_of_whoever_handed_them_over() -> None:
+    """Kopf's context variables hold the handler's cause and body: not kept alive by a run."""
+    tasks = KeyedTasks(retry_delay=60, name="test")  # made outside any handler
+    seen: list[str] = []
+
+    async def run() -> bool:
+        seen.append(HANDLER_STATE.get())
+        return False
+
+    async def handler() -> None:
+        HANDLER_STATE.set("the body of one event")
+        tasks.submit("a", run)
+
+    await asyncio.create_task(handler())
+    await until(lambda: seen, "the run")
+    assert seen == [""]
+    await tasks.aclose()
