@@ -74,49 +74,79 @@ class Controller:
         # Background work never takes one of the slots above: it has these.
         self.background_slots = asyncio.Semaphore(BACKGROUND_CONCURRENCY)
 
+    def start(self, memo: Any) -> None:
+        """Make this run's shared parts on the operator's memo, before any handler runs.
+
+        Kopf hands each object's handlers a shallow copy of the operator's memo, made when it
+        first sees the object: a part first made inside a handler would exist once per
+        object (it did: a resync schedule with its task, and up to 8 background workers, per
+        ServiceAccount; a look schedule per ApiKeyRotation). Their tasks start at first use,
+        from a handler: Kopf's event posting works only in the context it gives handlers."""
+        memo.background = BackgroundChecks(
+            workers=BACKGROUND_CONCURRENCY, retry_delay=self.config.retry_delay
+        )
+        memo.reconciles = KeyedTasks(
+            retry_delay=self.config.retry_delay, name="zenml-operator reconcile"
+        )
+
+        async def resync(ref: ObjectRef) -> None:
+            resyncs.set(ref, self.config.resync_seconds)  # the next round, in any case
+            # Kopf pauses its own handlers for a peer of higher priority; not this task.
+            if await allowed(ref[0]):
+                self.queue_service_account_check(memo, *ref)
+
+        async def allowed(namespace: str) -> bool:
+            gate: PeeringGate | None = getattr(memo, "peering", None)
+            return gate is None or await gate.allows(lifecycle.deps_of(memo).kube, namespace)
+
+        memo.resyncs = resyncs = DueSchedule(resync, name="zenml-operator resyncs")
+
+        async def look(tracked: Tracked, woken: bool) -> float | None:
+            return await self._look(memo, tracked, woken)
+
+        def forgotten(ref: ObjectRef) -> None:
+            lifecycle.deps_of(memo).forget(ref[2])
+            self.metrics.forget_rotation(ref[0], ref[1])
+
+        memo.rotation_looks = RotationLooks(
+            look=look, allowed=allowed, forgotten=forgotten, retry_delay=self.config.retry_delay
+        )
+
+    def connect(self, memo: Any) -> None:
+        """The parts that need the Kubernetes client, made once Kopf's first login made it
+        (before Kopf watches anything, so before any object's memo is copied)."""
+        if getattr(memo, "runner", None) is not None:
+            return  # a later login: the client only got new credentials
+        deps = lifecycle.deps_of(memo)
+        deps.wake_rotation = memo.rotation_looks.wake
+        memo.runner = Runner(
+            deps=deps, metrics=self.metrics, slots=self.slots, post_event=lifecycle.post_event
+        )
+
+    # The parts `start` and `connect` made (a handler's memo is a copy holding the same).
     def runner(self, memo: Any) -> Runner:
-        if getattr(memo, "runner", None) is None:
-            memo.runner = Runner(
-                deps=lifecycle.deps_of(memo),
-                metrics=self.metrics,
-                slots=self.slots,
-                post_event=lifecycle.post_event,
-            )
         runner: Runner = memo.runner
         return runner
 
     def background(self, memo: Any) -> BackgroundChecks:
-        """The background ServiceAccount checks of this operator run (started lazily)."""
-        if getattr(memo, "background", None) is None:
-            memo.background = BackgroundChecks(
-                workers=BACKGROUND_CONCURRENCY, retry_delay=self.config.retry_delay
-            )
+        """The background ServiceAccount checks (background.py)."""
         checks: BackgroundChecks = memo.background
         return checks
 
     def reconciles(self, memo: Any) -> KeyedTasks:
-        """The ServiceAccount reconciles handed over by Kopf's handlers (started lazily)."""
-        if getattr(memo, "reconciles", None) is None:
-            memo.reconciles = KeyedTasks(
-                retry_delay=self.config.retry_delay, name="zenml-operator reconcile"
-            )
+        """The ServiceAccount reconciles handed over by Kopf's handlers (keyed_tasks.py)."""
         reconciles: KeyedTasks = memo.reconciles
         return reconciles
 
     def resyncs(self, memo: Any) -> DueSchedule[ObjectRef]:
-        """When each known ServiceAccount is checked next (started lazily)."""
-        if getattr(memo, "resyncs", None) is None:
-
-            async def resync(ref: ObjectRef) -> None:
-                schedule.set(ref, self.config.resync_seconds)  # the next round, in any case
-                # Kopf pauses its own handlers for a peer of higher priority; not this task.
-                gate: PeeringGate | None = getattr(memo, "peering", None)
-                if gate is None or await gate.allows(lifecycle.deps_of(memo).kube, ref[0]):
-                    self.queue_service_account_check(memo, *ref)
-
-            memo.resyncs = schedule = DueSchedule(resync, name="zenml-operator resyncs")
+        """When each known ServiceAccount is checked next."""
         resyncs: DueSchedule[ObjectRef] = memo.resyncs
         return resyncs
+
+    def rotation_looks(self, memo: Any) -> RotationLooks:
+        """The schedule of every rotation's next look (rotation_looks.py)."""
+        looks: RotationLooks = memo.rotation_looks
+        return looks
 
     async def aclose(self, memo: Any) -> None:
         for name in ("rotation_looks", "resyncs", "reconciles", "background"):
@@ -304,29 +334,6 @@ class Controller:
         return found
 
     # --- ApiKeyRotation ------------------------------------------------------------------
-
-    def rotation_looks(self, memo: Any) -> RotationLooks:
-        """The schedule of every rotation's next look (started lazily)."""
-        if getattr(memo, "rotation_looks", None) is None:
-            deps = lifecycle.deps_of(memo)
-
-            async def look(tracked: Tracked, woken: bool) -> float | None:
-                return await self._look(memo, tracked, woken)
-
-            async def allowed(namespace: str) -> bool:
-                gate: PeeringGate | None = getattr(memo, "peering", None)
-                return gate is None or await gate.allows(deps.kube, namespace)
-
-            def forgotten(ref: ObjectRef) -> None:
-                deps.forget(ref[2])
-                self.metrics.forget_rotation(ref[0], ref[1])
-
-            memo.rotation_looks = looks = RotationLooks(
-                look=look, allowed=allowed, forgotten=forgotten, retry_delay=self.config.retry_delay
-            )
-            deps.wake_rotation = looks.wake
-        rotation_looks: RotationLooks = memo.rotation_looks
-        return rotation_looks
 
     def rotation_seen(
         self, memo: Any, body: kopf.Body, event_type: str | None, claims: kopf.Index[Any, Any]

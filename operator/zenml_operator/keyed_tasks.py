@@ -13,11 +13,11 @@ it ends (the change may have come after its read). A run that asks for it (a pro
 may heal) runs again after the retry delay, what Kopf's retry of the handler did; a
 hand-over in the meantime runs it at once instead.
 
-The tasks run in a copy of the context this object was made in, not in that of the handler
-that hands a key over: a task inherits its creator's context variables, and Kopf's hold the
-handler's cause, body included, which would stay alive as long as the task waits. It is made
-by the first handler (its tasks need Kopf's event-posting variables, which Kopf sets for its
-handlers, not yet for start-up): one cause kept, not one per object.
+The tasks run in a copy of the context of the first hand-over, not in that of each one: a
+task inherits its creator's context variables, and Kopf's hold the handler's cause, body
+included, which would stay alive as long as the task waits. One cause kept, not one per
+object. (Not the start-up's context: Kopf's event posting needs the variables it sets for
+handlers.)
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class KeyedTasks:
         self._again: set[str] = set()  # handed over again while running
         self._retries: dict[str, asyncio.TimerHandle] = {}
         self._closed = False
-        self._context = contextvars.copy_context()
+        self._context: contextvars.Context | None = None
 
     @property
     def running(self) -> int:
@@ -58,6 +58,8 @@ class KeyedTasks:
         if key in self._tasks:
             self._again.add(key)
             return
+        if self._context is None:
+            self._context = contextvars.copy_context()
         self._tasks[key] = asyncio.create_task(
             self._drive(key, run), name=f"{self.name} {key}", context=self._context.copy()
         )

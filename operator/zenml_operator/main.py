@@ -45,6 +45,7 @@ def build_registry(
         lifecycle.configure(settings)
         memo.peering = PeeringGate.of(settings.peering)
         await lifecycle.start(memo, config, metrics, logger)
+        controller.start(memo)  # before any handler: each object's memo is a copy of this
         repairs.start(memo, config, metrics, settings)  # the watch of the operator's Secrets
 
     # Kopf's session gets a bounded connection pool (see kube.kopf_session). The login
@@ -52,7 +53,10 @@ def build_registry(
     @kopf.on.login(registry=registry)
     async def login(memo: Any, **kwargs: Any) -> kopf.AiohttpSession | None:
         info = await asyncio.to_thread(lifecycle.login, memo, config, **kwargs)
-        return None if info is None else kopf_session(info, limit=config.kopf_connections())
+        if info is None:
+            return None
+        controller.connect(memo)
+        return kopf_session(info, limit=config.kopf_connections())
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(memo: Any, **_: Any) -> None:

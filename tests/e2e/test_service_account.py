@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
@@ -362,3 +363,36 @@ async def test_resync_of_a_converged_object_writes_nothing(
         if c.rv > start_writes
     ]
     assert changes == []
+
+
+async def test_the_operators_shared_parts_are_one_for_all_objects(
+    cluster, start_zenml_operator
+) -> None:
+    """Kopf hands each object's handlers a copy of the operator's memo: the resync schedule,
+    the background queue and the look schedule are made before it copies one, or each object
+    would get its own (a schedule task and background workers each, and a rotation wake-up
+    that reaches only the last one made)."""
+    from zenml_operator.controller import BACKGROUND_CONCURRENCY
+
+    _, memo = await start_zenml_operator(resync_seconds=0.3)
+    names = [unique("shared") for _ in range(4)]
+    for name in names:
+        await cluster.create(
+            SA_PATH.format(ns="default"), sa_body(name, {"apiKeys": [{"name": "a"}]})
+        )
+    for name in names:
+        await wait_ready(cluster, "default", name)
+
+    def checks() -> float:
+        labels = {"resource": "serviceaccount", "result": "success", "reason": "Reconciled"}
+        return memo.metrics.registry.get_sample_value("zenml_operator_reconcile_total", labels) or 0
+
+    start = checks()  # every object resynced twice more: each one's check was queued
+    await cluster.wait_for(lambda: checks() >= start + 2 * len(names), timeout=15)
+
+    def alive(prefix: str) -> int:
+        return sum(1 for t in asyncio.all_tasks() if t.get_name().startswith(prefix))
+
+    assert alive("zenml-operator resyncs") == 1
+    assert 1 <= alive("zenml-operator background") <= BACKGROUND_CONCURRENCY
+    assert len(memo.resyncs) == len(names)

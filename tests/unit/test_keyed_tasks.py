@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+from collections.abc import Awaitable, Callable
 
 from waiting import until
 from zenml_operator.keyed_tasks import KeyedTasks
@@ -114,20 +115,26 @@ async def test_close_cancels_runs_and_retries_and_refuses_new_ones() -> None:
 HANDLER_STATE: contextvars.ContextVar[str] = contextvars.ContextVar("handler_state", default="")
 
 
-async def test_runs_do_not_inherit_the_context_of_whoever_handed_them_over() -> None:
-    """Kopf's context variables hold the handler's cause and body: not kept alive by a run."""
-    tasks = KeyedTasks(retry_delay=60, name="test")  # made outside any handler
-    seen: list[str] = []
+async def test_runs_keep_one_context_not_that_of_each_hand_over() -> None:
+    """Kopf's context variables hold the handler's cause and body: a waiting run must not
+    keep one per object alive. Runs take the context of the first hand-over (which has
+    Kopf's event-posting variables), never a later handler's."""
+    tasks = KeyedTasks(retry_delay=60, name="test")
+    seen: dict[str, str] = {}
 
-    async def run() -> bool:
-        seen.append(HANDLER_STATE.get())
-        return False
+    def run_for(key: str) -> Callable[[], Awaitable[bool]]:
+        async def run() -> bool:
+            seen[key] = HANDLER_STATE.get()
+            return False
 
-    async def handler() -> None:
-        HANDLER_STATE.set("the body of one event")
-        tasks.submit("a", run)
+        return run
 
-    await asyncio.create_task(handler())
-    await until(lambda: seen, "the run")
-    assert seen == [""]
+    async def handler(key: str) -> None:
+        HANDLER_STATE.set(f"the body of {key}")
+        tasks.submit(key, run_for(key))
+
+    for key in "abc":
+        await asyncio.create_task(handler(key))
+    await until(lambda: len(seen) == 3, "the runs")
+    assert seen == {key: "the body of a" for key in "abc"}
     await tasks.aclose()
