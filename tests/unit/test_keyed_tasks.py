@@ -55,6 +55,21 @@ async def test_a_hand_over_during_a_run_runs_once_more_after_it_never_beside_it(
     await tasks.aclose()
 
 
+async def test_the_run_after_a_hand_over_is_the_latest_one_handed_over() -> None:
+    """A change may also change how the object is run (its server's slots, say)."""
+    tasks, first = KeyedTasks(retry_delay=60, name="test"), Runs()
+    second, third = Runs(), Runs()
+    first.release.clear()
+    tasks.submit("a", first)
+    await until(lambda: first.in_flight == 1, "the first run")
+    tasks.submit("a", second)
+    tasks.submit("a", third)
+    first.release.set()
+    await until(lambda: tasks.running == 0, "the runs to end")
+    assert (first.started, second.started, third.started) == (1, 0, 1)
+    await tasks.aclose()
+
+
 async def test_keys_run_side_by_side() -> None:
     tasks, run = KeyedTasks(retry_delay=60, name="test"), Runs()
     run.release.clear()
