@@ -96,8 +96,7 @@ class Controller:
                 self.queue_service_account_check(memo, *ref)
 
         async def allowed(namespace: str) -> bool:
-            gate: PeeringGate | None = getattr(memo, "peering", None)
-            return gate is None or await gate.allows(lifecycle.deps_of(memo).kube, namespace)
+            return await self.may_act(memo, namespace)
 
         memo.resyncs = resyncs = DueSchedule(resync, name="zenml-operator resyncs")
 
@@ -122,6 +121,12 @@ class Controller:
         memo.runner = Runner(
             deps=deps, metrics=self.metrics, slots=self.slots, post_event=lifecycle.post_event
         )
+
+    async def may_act(self, memo: Any, namespace: str) -> bool:
+        """Whether this operator may act in `namespace` outside Kopf's handlers: Kopf pauses
+        its own handlers for a peer of higher priority, not the tasks of the operator's."""
+        gate: PeeringGate | None = getattr(memo, "peering", None)
+        return gate is None or await gate.allows(lifecycle.deps_of(memo).kube, namespace)
 
     # The parts `start` and `connect` made (a handler's memo is a copy holding the same).
     def runner(self, memo: Any) -> Runner:
@@ -182,9 +187,7 @@ class Controller:
         slots = deps.servers.slots_for(server) if server else None
 
         async def reconcile() -> bool:
-            # Kopf pauses its handlers for a peer of higher priority; not a retry of ours.
-            gate: PeeringGate | None = getattr(memo, "peering", None)
-            if gate is not None and not await gate.allows(deps.kube, namespace):
+            if not await self.may_act(memo, namespace):  # a retry comes later than Kopf's call
                 return False
             outcome = await self._run_service_account(
                 memo, namespace, name, uid, one_read=path.one_read, slots=slots

@@ -35,6 +35,13 @@ class Runs:
         return False
 
 
+async def held(tasks: KeyedTasks, run: Runs, key: str = "a") -> None:
+    """Hand `run` over for `key` and return once it runs, held until `run.release`."""
+    run.release.clear()
+    tasks.submit(key, run)
+    await until(lambda: run.in_flight >= 1, "a held run")
+
+
 async def test_a_key_runs_once_and_its_task_ends() -> None:
     tasks, run = KeyedTasks(retry_delay=60, name="test"), Runs()
     tasks.submit("a", run)
@@ -44,9 +51,7 @@ async def test_a_key_runs_once_and_its_task_ends() -> None:
 
 async def test_a_hand_over_during_a_run_runs_once_more_after_it_never_beside_it() -> None:
     tasks, run = KeyedTasks(retry_delay=60, name="test"), Runs()
-    run.release.clear()
-    tasks.submit("a", run)
-    await until(lambda: run.in_flight == 1, "the first run")
+    await held(tasks, run)
     for _ in range(3):  # three changes while it runs: one more run covers them all
         tasks.submit("a", run)
     run.release.set()
@@ -59,9 +64,7 @@ async def test_the_run_after_a_hand_over_is_the_latest_one_handed_over() -> None
     """A change may also change how the object is run (its server's slots, say)."""
     tasks, first = KeyedTasks(retry_delay=60, name="test"), Runs()
     second, third = Runs(), Runs()
-    first.release.clear()
-    tasks.submit("a", first)
-    await until(lambda: first.in_flight == 1, "the first run")
+    await held(tasks, first)
     tasks.submit("a", second)
     tasks.submit("a", third)
     first.release.set()
@@ -118,9 +121,7 @@ async def test_a_failing_run_is_logged_and_retried(caplog) -> None:  # type: ign
 
 async def test_close_cancels_runs_and_retries_and_refuses_new_ones() -> None:
     tasks, run = KeyedTasks(retry_delay=0.05, name="test"), Runs()
-    run.release.clear()
-    tasks.submit("a", run)
-    await until(lambda: run.in_flight == 1, "a run")
+    await held(tasks, run)
     await tasks.aclose()
     assert run.in_flight == 0 and tasks.running == 0
     tasks.submit("b", run)
