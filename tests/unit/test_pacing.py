@@ -11,58 +11,43 @@ import pytest
 
 from zenml_operator.background import BackgroundChecks
 from zenml_operator.zenml_api import pacing
-from zenml_operator.zenml_api.pacing import Bucket, RateLimiter, reserve
+from zenml_operator.zenml_api.pacing import RateLimiter, wait_before_release
 
 RATE = 20.0  # tokens per second: one every 0.05 s
 
 
 @pytest.mark.parametrize(
-    ("bucket", "now", "burst", "expected_tokens", "expected_wait"),
+    ("last", "now", "expected_wait"),
     [
-        (Bucket(1.0, 0.0), 0.0, 1.0, 0.0, 0.0),  # full: the first request goes at once
-        (Bucket(0.0, 0.0), 0.0, 1.0, -1.0, 0.05),  # empty: wait for the next token
-        (Bucket(-1.0, 0.0), 0.0, 1.0, -2.0, 0.10),  # in debt: queue behind the promised one
-        (Bucket(0.0, 0.0), 0.05, 1.0, 0.0, 0.0),  # one interval later: a token again
-        (Bucket(0.0, 0.0), 0.02, 1.0, -0.6, 0.03),  # part of a token: wait for the rest
-        (Bucket(0.0, 0.0), 100.0, 1.0, 0.0, 0.0),  # a long idle time refills only to burst
-        (Bucket(0.0, 0.0), 100.0, 5.0, 4.0, 0.0),  # ... a larger burst holds more
-        (Bucket(-2.0, 0.0), 0.05, 1.0, -2.0, 0.10),  # debt is repaid at the rate
-        (Bucket(0.0, 1.0), 0.5, 1.0, -1.0, 0.05),  # a clock behind the stamp adds nothing
+        (None, 0.0, 0.0),  # the first request goes at once
+        (0.0, 0.0, 0.05),  # one just went: wait a whole interval
+        (0.0, 0.02, 0.03),  # part of an interval gone: wait for the rest
+        (0.0, 0.05, 0.0),  # one interval later: go
+        (0.0, 100.0, 0.0),  # a long idle time: go, and nothing is saved up (next row)
+        (100.0, 100.0, 0.05),
+        (1.0, 0.5, 0.55),  # a clock behind the last release: still a whole interval after it
     ],
-    ids=[
-        "full",
-        "empty",
-        "debt",
-        "refilled",
-        "partial",
-        "capped",
-        "burst",
-        "repaying",
-        "clock-behind",
-    ],
+    ids=["first", "just-went", "partial", "interval-later", "idle", "after-idle", "clock-behind"],
 )
-def test_reserve(
-    bucket: Bucket, now: float, burst: float, expected_tokens: float, expected_wait: float
-) -> None:
-    after, wait = reserve(bucket, now, rate=RATE, burst=burst)
-    assert after.tokens == pytest.approx(expected_tokens)
-    assert wait == pytest.approx(expected_wait)
-    assert after.stamp == max(now, bucket.stamp)
+def test_wait_before_release(last: float | None, now: float, expected_wait: float) -> None:
+    assert wait_before_release(last, now, rate=RATE) == pytest.approx(expected_wait)
 
 
 class FakeClock:
-    """A clock that only moves when a (fake) sleep is awaited."""
+    """A clock that only moves when a (fake) sleep is awaited, or a test moves it."""
 
     def __init__(self) -> None:
         self.now = 1000.0
         self.sleeps: list[float] = []
+        self.oversleep = 0.0  # added to every sleep: a busy event loop wakes waiters late
 
     def __call__(self) -> float:
         return self.now
 
     async def sleep(self, seconds: float) -> None:
         self.sleeps.append(seconds)
-        self.now += seconds
+        self.now += seconds + self.oversleep
+        await asyncio.sleep(0)  # let other tasks run, as a real sleep does
 
 
 async def test_limiter_spaces_requests_at_the_rate() -> None:
@@ -76,27 +61,48 @@ async def test_limiter_spaces_requests_at_the_rate() -> None:
     gaps = [b - a for a, b in itertools.pairwise(sent)]
     assert all(g == pytest.approx(1 / RATE) for g in gaps)
     assert sent[-1] - sent[0] == pytest.approx(2.0)  # 40 intervals of 0.05 s
-    # Never more than rate + 1 in any one-second window.
-    assert max(sum(1 for t in sent if s <= t < s + 1.0) for s in sent) <= RATE + 1
 
 
-async def test_waiters_are_served_in_order_and_an_oversleeper_costs_no_rate() -> None:
+async def test_concurrent_waiters_go_in_order_and_an_oversleeper_is_no_burst() -> None:
     clock = FakeClock()
     limiter = RateLimiter(RATE, clock=clock, sleep=clock.sleep)
-    # Five callers reserve at the same instant (queued in the event loop together).
-    waits = [limiter.reserve() for _ in range(5)]
-    assert waits == pytest.approx([0.0, 0.05, 0.10, 0.15, 0.20])
-    # The first waiter wakes late (a busy loop): the slots promised to the others stand.
-    clock.now += 0.30
-    assert limiter.reserve() == pytest.approx(0.0)  # the debt was repaid meanwhile
-    assert limiter.reserve() == pytest.approx(0.05)
+    sent: list[tuple[int, float]] = []
+
+    async def request(i: int) -> None:
+        await limiter.acquire()
+        sent.append((i, clock.now))
+
+    clock.oversleep = 0.30  # every wake-up is late (a stalled event loop)
+    await asyncio.gather(*(request(i) for i in range(6)))
+    assert [i for i, _ in sent] == list(range(6))  # in the order they came
+    gaps = [b - a for (_, a), (_, b) in itertools.pairwise(sent)]
+    # Each went a whole interval after the one before ACTUALLY went: late wake-ups cost
+    # rate, but never let the waiters behind catch up in a bunch.
+    assert all(g >= 1 / RATE for g in gaps)
+
+
+async def test_many_waiters_never_exceed_the_rate_in_any_second() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(RATE, clock=clock, sleep=clock.sleep)
+    sent: list[float] = []
+
+    async def request() -> None:
+        await limiter.acquire()
+        sent.append(clock.now)
+
+    await asyncio.gather(*(request() for _ in range(100)))
+    assert len(sent) == 100
+    assert max(sum(1 for t in sent if s <= t < s + 1.0 - 1e-9) for s in sent) <= RATE
 
 
 async def test_idle_time_does_not_save_up_a_burst() -> None:
     clock = FakeClock()
     limiter = RateLimiter(RATE, clock=clock, sleep=clock.sleep)
+    await limiter.acquire()
     clock.now += 3600.0
-    assert [limiter.reserve() for _ in range(3)] == pytest.approx([0.0, 0.05, 0.10])
+    await limiter.acquire()  # at once: a long time since the last one
+    await limiter.acquire()  # ... but the next waits a whole interval
+    assert clock.sleeps == pytest.approx([0.05])
 
 
 def test_a_rate_of_zero_is_not_a_limiter() -> None:

@@ -8,8 +8,8 @@ renewal, bounded retries, request queues, and a hook that observes every attempt
   is quadratic in the number of waiters), and with no pool timeout: a burst queues instead
   of timing out and being retried.
 - A create or a rotation is retried only when the request surely never left this process.
-- Background work (see `pacing`) is paced: each of its attempts first takes a token of a
-  bucket filled at the background rate; other requests never wait for it.
+- Background work (see `pacing`) is paced: each of its attempts first waits for its turn,
+  at most one per 1/background rate; other requests never wait for it.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ class ZenMLConnection:
         # What a refused login names as the credential (default: the operator's own).
         self._credential_source = credential_source
         self._observer = observer
-        # Requests made from `pacing.background_lane()` wait for a token of this bucket
+        # Requests made from `pacing.background_lane()` wait for their turn at this limiter
         # (None or <= 0: background work is not paced). Other requests never wait for it.
         self._pacer = RateLimiter(background_rate) if (background_rate or 0) > 0 else None
         self._secret = secret
@@ -234,7 +234,7 @@ class ZenMLConnection:
         attempts = self._max_retries + 1
         for attempt in range(attempts):
             last = attempt == attempts - 1
-            await pace(self._pacer)  # background work only; every attempt takes a token
+            await pace(self._pacer)  # background work only; every attempt waits its turn
             started = time.monotonic()
             try:
                 # Heavy slot first: a request waiting for one holds no in-flight slot.
