@@ -6,31 +6,31 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 
 import pytest
 
 from zenml_operator.background import BackgroundChecks
 from zenml_operator.zenml_api import pacing
-from zenml_operator.zenml_api.pacing import RateLimiter, wait_before_release
+from zenml_operator.zenml_api.pacing import RateLimiter, next_slot
 
 RATE = 20.0  # tokens per second: one every 0.05 s
 
 
 @pytest.mark.parametrize(
-    ("last", "now", "expected_wait"),
+    ("slot", "released", "expected"),
     [
-        (None, 0.0, 0.0),  # the first request goes at once
-        (0.0, 0.0, 0.05),  # one just went: wait a whole interval
-        (0.0, 0.02, 0.03),  # part of an interval gone: wait for the rest
-        (0.0, 0.05, 0.0),  # one interval later: go
-        (0.0, 100.0, 0.0),  # a long idle time: go, and nothing is saved up (next row)
-        (100.0, 100.0, 0.05),
-        (1.0, 0.5, 0.55),  # a clock behind the last release: still a whole interval after it
+        (-math.inf, 5.0, 5.05),  # the first release: the next one interval on
+        (1.0, 1.0, 1.05),  # on its slot: the next one interval later
+        (1.0, 1.02, 1.05),  # a little late: forgiven, the slots keep the rate
+        (1.0, 1.025, 1.05),  # ... up to half an interval
+        (1.0, 1.3, 1.35),  # a stall: from the actual release, no slots left behind
+        (1.0, 100.0, 100.05),  # idle time saves nothing up
     ],
-    ids=["first", "just-went", "partial", "interval-later", "idle", "after-idle", "clock-behind"],
+    ids=["first", "on-time", "late", "half-late", "stalled", "idle"],
 )
-def test_wait_before_release(last: float | None, now: float, expected_wait: float) -> None:
-    assert wait_before_release(last, now, rate=RATE) == pytest.approx(expected_wait)
+def test_next_slot(slot: float, released: float, expected: float) -> None:
+    assert next_slot(slot, released, rate=RATE) == pytest.approx(expected)
 
 
 class FakeClock:
@@ -61,6 +61,17 @@ async def test_limiter_spaces_requests_at_the_rate() -> None:
     gaps = [b - a for a, b in itertools.pairwise(sent)]
     assert all(g == pytest.approx(1 / RATE) for g in gaps)
     assert sent[-1] - sent[0] == pytest.approx(2.0)  # 40 intervals of 0.05 s
+
+
+async def test_a_little_timer_lateness_does_not_lower_the_rate() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(RATE, clock=clock, sleep=clock.sleep)
+    clock.oversleep = 0.01  # every wake-up 10 ms late: a timer on a busy event loop
+    sent: list[float] = []
+    for _ in range(41):
+        await limiter.acquire()
+        sent.append(clock.now)
+    assert sent[-1] - sent[0] == pytest.approx(2.0 + 0.01)  # still 40 intervals of 0.05 s
 
 
 async def test_concurrent_waiters_go_in_order_and_an_oversleeper_is_no_burst() -> None:
