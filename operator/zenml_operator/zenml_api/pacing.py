@@ -15,9 +15,9 @@ ones behind it, so the mean stays at the rate; one that wakes later than that (a
 loop; or idle time) puts the next slot a whole interval after its actual release, so the
 ones behind it do not catch up in a bunch. ZenML then never sees more than `rate` + 1
 background requests in any one-second window. (A token bucket that promised slots ahead
-let them catch up: 23 requests in one second at 20/s, measured over 5000 objects; spacing
-strictly from the actual release kept the cap but lost a sixth of the rate to timer
-lateness: a mean of 16.4/s at 20/s over 1000 objects.)
+let them catch up: 23 requests in one second at 20/s, measured over 5000 objects. Spacing
+strictly from each actual release would add every wake-up's lateness to its interval: 10 ms
+late at 20/s is 16.7/s.)
 """
 
 from __future__ import annotations
