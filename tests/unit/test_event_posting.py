@@ -4,7 +4,8 @@ Kopf posts each object's Events from a worker that lingers after the object's la
 and the operator allows only a few workers at once. With Kopf's default linger (1 s) a
 burst of creates (one or two Events each) was posted at ~4 objects per second: slower than
 creates go, so Events lagged and queued up. Only the Kubernetes POST is replaced here (a
-fixed 10 ms, like a loopback API server); the routing and workers are Kopf's own.
+fixed 10 ms, like a loopback API server); the routing and workers are Kopf's own (its
+private modules: a Kopf release that moves them fails this test at import, loudly).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""The background lane's rate limit: the token bucket arithmetic as a table, the limiter on
-an injected clock (no real sleeps), which requests it paces, and the background checks
-queue (de-duplication, the lane, retries)."""
+"""The background lane's rate limit: the slot arithmetic as a table, the limiter on an
+injected clock (no real sleeps; late wake-ups and stalls simulated), which requests it
+paces, and the background checks queue (de-duplication, the lane, retries)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from zenml_operator.background import BackgroundChecks
 from zenml_operator.zenml_api import pacing
 from zenml_operator.zenml_api.pacing import RateLimiter, next_slot
 
-RATE = 20.0  # tokens per second: one every 0.05 s
+RATE = 20.0  # requests per second: one every 0.05 s
 
 
 @pytest.mark.parametrize(
