@@ -50,13 +50,26 @@ class FakeClock:
         await asyncio.sleep(0)  # let other tasks run, as a real sleep does
 
 
+async def sends(limiter: RateLimiter, clock: FakeClock, n: int, *, at_once: bool) -> list[float]:
+    """When each of `n` requests went: one after the other, or all waiting at once."""
+    sent: list[float] = []
+
+    async def request() -> None:
+        await limiter.acquire()
+        sent.append(clock.now)
+
+    if at_once:
+        await asyncio.gather(*(request() for _ in range(n)))
+    else:
+        for _ in range(n):
+            await request()
+    return sent
+
+
 async def test_limiter_spaces_requests_at_the_rate() -> None:
     clock = FakeClock()
     limiter = RateLimiter(RATE, clock=clock, sleep=clock.sleep)
-    sent: list[float] = []
-    for _ in range(41):
-        await limiter.acquire()
-        sent.append(clock.now)
+    sent = await sends(limiter, clock, 41, at_once=False)
     assert clock.sleeps[0] == pytest.approx(0.05)  # the first went at once, then spaced
     gaps = [b - a for a, b in itertools.pairwise(sent)]
     assert all(g == pytest.approx(1 / RATE) for g in gaps)
@@ -67,10 +80,7 @@ async def test_a_little_timer_lateness_does_not_lower_the_rate() -> None:
     clock = FakeClock()
     limiter = RateLimiter(RATE, clock=clock, sleep=clock.sleep)
     clock.oversleep = 0.01  # every wake-up 10 ms late: a timer on a busy event loop
-    sent: list[float] = []
-    for _ in range(41):
-        await limiter.acquire()
-        sent.append(clock.now)
+    sent = await sends(limiter, clock, 41, at_once=False)
     assert sent[-1] - sent[0] == pytest.approx(2.0 + 0.01)  # still 40 intervals of 0.05 s
 
 
@@ -95,13 +105,7 @@ async def test_concurrent_waiters_go_in_order_and_an_oversleeper_is_no_burst() -
 async def test_many_waiters_never_exceed_the_rate_in_any_second() -> None:
     clock = FakeClock()
     limiter = RateLimiter(RATE, clock=clock, sleep=clock.sleep)
-    sent: list[float] = []
-
-    async def request() -> None:
-        await limiter.acquire()
-        sent.append(clock.now)
-
-    await asyncio.gather(*(request() for _ in range(100)))
+    sent = await sends(limiter, clock, 100, at_once=True)
     assert len(sent) == 100
     assert max(sum(1 for t in sent if s <= t < s + 1.0 - 1e-9) for s in sent) <= RATE
 
